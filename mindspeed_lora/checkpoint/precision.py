@@ -1,0 +1,85 @@
+"""Precision test: an HF model and the same weights in megatron-core, fp32, on a fixed probe.
+
+Prints mean and max |logit difference| over the probe's tokens and the number of argmax mismatches; exits
+non-zero above the threshold (mean 0.1, as Megatron-SWIFT uses). Runs at TP=1 PP=1 in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrecisionReport:
+    mean_diff: float
+    max_diff: float
+    argmax_mismatches: int
+    tokens: int
+
+    def line(self) -> str:
+        return (f"logits vs HF over {self.tokens} tokens: mean |diff| {self.mean_diff:.3e}, "
+                f"max |diff| {self.max_diff:.3e}, argmax mismatches {self.argmax_mismatches}")
+
+
+def probe_ids(vocab_size: int, seq: int = 32, batch: int = 2, seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+def compare(hf_dir: str, mcore_model=None, lora_scale_model=None) -> PrecisionReport:
+    """Logits of HF transformers (``hf_dir``) vs megatron-core; builds the megatron model from ``hf_dir``
+    when ``mcore_model`` is None. parallel_state must be initialised at TP=PP=1."""
+    from transformers import AutoModelForCausalLM
+
+    from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
+    from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+    from mindspeed_lora.models.arch import ModelArch
+    from mindspeed_lora.models.builder import ParallelOptions, build_gpt_model
+    from mindspeed_lora.models.family import read_hf_config
+
+    arch = ModelArch.from_hf_config(read_hf_config(hf_dir), hf_dir)
+    if mcore_model is None:
+        par = ParallelOptions()
+        mcore_model = build_gpt_model(arch, par, pre_process=True, post_process=True)
+        load_hf_weights(mcore_model, HFCheckpointReader(hf_dir), arch, par, 0, 0)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = probe_ids(arch.vocab_size)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    mcore_model = mcore_model.float().eval()
+    with torch.no_grad():
+        ours = mcore_model(ids, pos, None).float()
+        ref = hf(ids).logits.float()
+    diff = (ours - ref).abs()
+    return PrecisionReport(
+        mean_diff=diff.mean().item(), max_diff=diff.max().item(),
+        argmax_mismatches=int((ours.argmax(-1) != ref.argmax(-1)).sum()), tokens=ids.numel(),
+    )
+
+
+def main(argv=None) -> None:
+    from mindspeed_lora.errors import main_guard
+    from mindspeed_lora.parallel import initialize, shutdown
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--threshold", type=float, default=0.1, help="largest allowed mean |logit diff|")
+    a = p.parse_args(argv)
+
+    @main_guard
+    def run():
+        initialize(1, 1)
+        report = compare(a.hf_dir)
+        print(report.line(), flush=True)
+        shutdown()
+        if report.mean_diff > a.threshold:
+            print(f"FAILED: mean |diff| {report.mean_diff:.3e} > threshold {a.threshold}", file=sys.stderr)
+            sys.exit(1)
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
