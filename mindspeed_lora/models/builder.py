@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
+from mindspeed_lora.models.norm import RMSNorm
 
 
 @dataclass
@@ -138,6 +139,10 @@ def build_layer_spec(arch: ModelArch, config, options: ModelOptions):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+    if arch.qk_layernorm:
+        sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
     for hook in options.spec_hooks:
         spec = hook(spec, arch, config)
     return spec
@@ -157,10 +162,17 @@ def build_gpt_model(
 
     options = options or ModelOptions()
     config = config or build_transformer_config(arch, parallel, options)
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
     spec = build_layer_spec(arch, config, options)
+    stage_layers = layer_counts(arch, parallel)[parallel_state.get_pipeline_model_parallel_rank()]
+    # A block spec (not a layer spec) so that the final norm is the same class as the layers' norms.
+    block = TransformerBlockSubmodules(layer_specs=[spec] * stage_layers,
+                                       layer_norm=spec.submodules.input_layernorm)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=block,
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

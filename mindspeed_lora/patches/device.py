@@ -154,3 +154,36 @@ register(
         build=lambda acc, original: _set_rng_state(acc),
     )
 )
+
+
+def _setup_embeddings_without_cuda(original):
+    def setup_embeddings_and_output_layer(self):
+        # megatron syncs the tied embedding of the first and last pipeline stages with
+        # `weight.data = weight.data.cuda(); all_reduce(weight.data)`. Run the original with that step
+        # disabled (an instance attribute shadows the group test), then do the all-reduce in place.
+        import torch.distributed as dist
+
+        sync = dist.is_initialized() and self._is_in_embd_group()
+        self._is_in_embd_group = lambda: False
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        if sync:
+            dist.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    return setup_embeddings_and_output_layer
+
+
+register(
+    Patch(
+        name="tied-embedding-sync",
+        targets=("megatron.core.models.common.language_module.language_module:"
+                 "LanguageModule.setup_embeddings_and_output_layer",),
+        reason="with tied embeddings and PP>1 megatron moves the shared weight with Tensor.cuda() before "
+        "all-reducing it across the first and last stages; on cpu/npu the all-reduce is done in place",
+        condition=_not_cuda,
+        condition_text="device is npu or cpu",
+        build=lambda acc, original: _setup_embeddings_without_cuda(original),
+    )
+)

@@ -49,14 +49,19 @@ def register(patch: Patch) -> Patch:
 
 
 def _resolve(target: str):
-    module_name, _, attr = target.partition(":")
+    """``pkg.module:name`` or ``pkg.module:Class.name`` -> (owner object, attribute name)."""
+    module_name, _, path = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        owner = importlib.import_module(module_name)
     except ImportError as e:
         raise PatchTargetMissing(f"{target}: module not importable ({e})") from e
-    if not hasattr(module, attr):
-        raise PatchTargetMissing(f"{target}: attribute {attr!r} missing; is megatron-core 0.16.1 installed?")
-    return module, attr
+    *parents, attr = path.split(".")
+    for name in parents + [attr]:
+        if not hasattr(owner, name):
+            raise PatchTargetMissing(f"{target}: attribute {name!r} missing; is megatron-core 0.16.1 installed?")
+        if name != attr:
+            owner = getattr(owner, name)
+    return owner, attr
 
 
 def patches_for(accelerator: Accelerator | None = None) -> list[Patch]:
