@@ -1,0 +1,1 @@
+"""Direct preference optimisation: losses, reward metrics, and the reference-model log-probs."""
