@@ -106,6 +106,7 @@ def applied_patches() -> list[str]:
 def _load_builtin() -> None:
     # The patch definitions register themselves on import; importing them patches nothing.
     importlib.import_module("mindspeed_lora.patches.device")
+    importlib.import_module("mindspeed_lora.patches.megatron_fixes")
 
 
 def describe(accelerator: Accelerator | None = None) -> str:
