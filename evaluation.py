@@ -1,0 +1,6 @@
+"""Evaluate a Megatron checkpoint (or HF dir), optionally with a LoRA adapter, on MMLU / CMMLU / C-Eval in the
+MMLU CSV layout: per-subject and overall accuracy as JSON and a table. Launch with torchrun for TP/DP."""
+from mindspeed_lora.evaluation.runner import main
+
+if __name__ == "__main__":
+    main()

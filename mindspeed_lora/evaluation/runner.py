@@ -1,0 +1,86 @@
+"""evaluation.py's job: build the model once, score each ``--task``, write JSON and print a table on rank 0."""
+from __future__ import annotations
+
+import argparse
+
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, format_table, summarize, write_results
+
+
+def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
+    if len(args.task_data_path) != len(args.task):
+        raise UserError(f"--task has {len(args.task)} entries but --task-data-path has {len(args.task_data_path)}; "
+                        "give one data directory per task")
+    return [
+        EvalConfig(task=task, data_path=path, split=args.eval_split, shots=args.num_shots, method=args.eval_method,
+                   max_eval_samples=args.max_eval_samples, batch_size=args.evaluation_batch_size,
+                   language=args.eval_language, max_new_tokens=args.max_new_tokens,
+                   output_dir=args.eval_output_dir)
+        for task, path in zip(args.task, args.task_data_path)
+    ]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
+    from mindspeed_lora.inference.model import (
+        ModelSource,
+        build_inference_engine,
+        default_dtype_name,
+        load_tokenizer,
+        tokenizer_dir,
+    )
+    from mindspeed_lora.inference.prompting import RawFormat, chat_format, stop_tokens
+    from mindspeed_lora.inference.runner import generation_config
+    from mindspeed_lora.parallel import initialize, shutdown
+
+    if args.pipeline_model_parallel_size != 1:
+        raise UserError("evaluation keeps the whole model on each rank: split it with --tensor-model-parallel-size "
+                        f"(--pipeline-model-parallel-size={args.pipeline_model_parallel_size} is not supported)")
+    configs = eval_configs(args)
+    for cfg in configs:  # bad data directories fail before the model is built
+        resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
+    tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(tok_dir, use_fast=not args.tokenizer_not_use_fast)
+    fmt = RawFormat() if args.no_chat_template else chat_format(
+        tokenizer, tok_dir, args.prompt_type, args.prompt_type_path, args.enable_thinking, args.hf_chat_template)
+    format_prompt = None if isinstance(fmt, RawFormat) else (
+        lambda text: fmt.render([{"role": "user", "content": text}]))
+    stops = stop_tokens(tokenizer, fmt, args.add_eos_token)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    gen_cfg = generation_config(args, "greedy", stops, pad_id)
+    source = ModelSource(load=args.load, lora_load=args.lora_load,
+                         tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph)
+    info = initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
+    summaries = []
+    try:
+        engine, _ = build_inference_engine(source, info.tp_rank)
+        for cfg in configs:
+            scorer = ExamScorer(engine, tokenizer, cfg, format_prompt, gen_cfg)
+            preds = evaluate(scorer, info.dp_rank, info.dp_size, ps.get_data_parallel_group(),
+                             progress=info.rank == 0)
+            summary = summarize(preds, cfg, scorer_split(cfg))
+            summaries.append(summary)
+            if info.rank == 0:
+                acc_path, _ = write_results(summary, preds, cfg.output_dir)
+                print(f"\n{cfg.task} ({summary['split']} split, {cfg.shots}-shot, {cfg.method})", flush=True)
+                print(format_table(summary), flush=True)
+                print(f"wrote {acc_path}", flush=True)
+    finally:
+        shutdown()
+    return summaries
+
+
+def scorer_split(cfg: EvalConfig) -> str:
+    from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
+
+    return resolve_exam_dir(cfg.data_path, cfg.task, cfg.split).split
+
+
+def main(argv=None) -> None:
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.errors import main_guard
+
+    main_guard(lambda: run(parse_args("evaluation", argv)))()

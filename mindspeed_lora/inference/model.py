@@ -1,0 +1,128 @@
+"""Build the model and tokenizer for inference/evaluation from ``--load`` (HF dir or Megatron checkpoint)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.inference.engine import InferenceEngine
+from mindspeed_lora.inference.kv_cache import kv_cache_spec_hook
+from mindspeed_lora.models.arch import ModelArch, dtype_from_name
+from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model
+from mindspeed_lora.models.family import read_hf_config
+
+LATEST = "latest_checkpointed_iteration.txt"
+HF_CONFIG_DIR = "hf_config"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from and how the model is laid out on this rank."""
+
+    load: str
+    """HF model directory or Megatron checkpoint directory."""
+    lora_load: str | None = None
+    """LoRA adapter checkpoint (Megatron layout) applied on top of ``load``."""
+    tensor_model_parallel_size: int = 1
+    params_dtype: str | None = None
+    """float32 / bfloat16 / float16; None keeps the checkpoint's dtype."""
+    use_cuda_graph: bool = True
+    spec_hooks: list[Callable] = field(default_factory=list)
+    """Extra layer-spec hooks (fused ops); the KV-cache attention is always added last."""
+
+    def __post_init__(self):
+        if not os.path.isdir(self.load):
+            raise UserError(f"--load {self.load}: no such directory")
+        if self.lora_load is not None and not os.path.isdir(self.lora_load):
+            raise UserError(f"--lora-load {self.lora_load}: no such directory")
+
+
+def checkpoint_kind(path: str) -> str:
+    """"hf" or "megatron"; a UserError says what neither layout would contain."""
+    if os.path.isfile(os.path.join(path, LATEST)):
+        return "megatron"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise UserError(f"--load {path}: neither a Megatron checkpoint ({LATEST}) nor an HF model directory "
+                    "(config.json + *.safetensors)")
+
+
+def resolve_arch(path: str) -> ModelArch:
+    if checkpoint_kind(path) == "hf":
+        return ModelArch.from_hf_config(read_hf_config(path), os.path.join(path, "config.json"))
+    from mindspeed_lora.checkpoint import loading
+
+    return loading.resolve_arch(path)
+
+
+def tokenizer_dir(load: str, explicit: str | None) -> str:
+    """--tokenizer-name-or-path, else the HF dir itself, else the hf_config/ a converted checkpoint carries."""
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise UserError(f"--tokenizer-name-or-path {explicit}: no such directory")
+        return explicit
+    for candidate in (load, os.path.join(load, HF_CONFIG_DIR)):
+        if any(os.path.isfile(os.path.join(candidate, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            return candidate
+    raise UserError(f"no tokenizer files in {load} or {os.path.join(load, HF_CONFIG_DIR)}; "
+                    "pass --tokenizer-name-or-path")
+
+
+def load_tokenizer(path: str, use_fast: bool = True):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({e})") from e
+    return tok
+
+
+def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[InferenceEngine, ModelArch]:
+    """This rank's TP shard of the model with weights (and LoRA) loaded, wrapped for generation."""
+    from mindspeed_lora.accelerator import get_accelerator
+
+    kind = checkpoint_kind(source.load)
+    arch = resolve_arch(source.load)
+    dtype = dtype_from_name(source.params_dtype or arch.torch_dtype)
+    acc = get_accelerator()
+    parallel = ParallelOptions(tensor_model_parallel_size=source.tensor_model_parallel_size)
+    hooks = list(source.spec_hooks)
+    lora_cfg = None
+    if source.lora_load is not None:
+        from mindspeed_lora.checkpoint import loading
+
+        lora_cfg = loading.resolve_lora_config(source.lora_load)
+        from mindspeed_lora.lora.spec import lora_spec_hook
+
+        hooks.append(lora_spec_hook(lora_cfg))
+    hooks.append(kv_cache_spec_hook)
+    options = ModelOptions(params_dtype=dtype, use_cpu_initialization=acc.device_type == "cpu", spec_hooks=hooks)
+    model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True)
+    model = model.to(acc.device())
+    if kind == "hf":
+        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
+        from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+
+        load_hf_weights(model, HFCheckpointReader(source.load), arch, parallel, tp_rank, 0)
+    else:
+        from mindspeed_lora.checkpoint import loading
+
+        loading.load_base_weights(model, source.load, arch, parallel, tp_rank, 0)
+    if source.lora_load is not None:
+        from mindspeed_lora.checkpoint import loading
+
+        loading.load_lora_weights(model, source.lora_load, arch, parallel, tp_rank, 0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine = InferenceEngine(model, arch.max_position_embeddings,
+                             use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda")
+    return engine, arch
+
+
+def default_dtype_name(bf16: bool, fp16: bool) -> str | None:
+    if bf16 and fp16:
+        raise UserError("--bf16 and --fp16 are exclusive")
+    return "bfloat16" if bf16 else "float16" if fp16 else None
+
