@@ -78,13 +78,14 @@ class InferenceEngine:
             valid = torch.ones_like(ids, dtype=torch.bool)
         slots = torch.arange(ids.shape[1], device=self.device)
         step = AttentionStep(mask=attention_mask(valid.to(self.device), slots, slots))
+        previous = [layer.step for layer in layers]  # an open decoder's step is restored afterwards
         for layer in layers:
             layer.step = step
         try:
             return self.forward(ids.to(self.device), self.rope(ids.shape[1]), last_only)
         finally:
-            for layer in layers:
-                layer.step = None
+            for layer, prev in zip(layers, previous):
+                layer.step = prev
 
     def decoder(self, batch: int, max_len: int, use_kv_cache: bool = True):
         if max_len > self.max_positions:
