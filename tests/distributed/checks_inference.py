@@ -1,0 +1,108 @@
+"""Generation and evaluation on 2 gloo ranks (see test_inference.py), all in one torchrun launch.
+
+Oracle: the single-rank (TP=1) run. TP=1 runs on both ranks as DP=2 first, then TP=2 splits the same model;
+tokens (greedy, sampling, beam search) and evaluation predictions must be identical.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+from mindspeed_lora import tiny
+from mindspeed_lora.inference.generation import GenerationConfig, generate
+from mindspeed_lora.inference.model import ModelSource, build_inference_engine
+from mindspeed_lora.parallel import initialize
+
+NEW = 50
+EOS = 2
+
+
+def _shared_dir(tmp, name, build):
+    path = os.path.join(tmp, name)
+    if dist.get_rank() == 0:
+        build(path)
+    dist.barrier()
+    return path
+
+
+def _lively(path, family="qwen3", seed=3, **overrides):
+    """Same recipe as tests/unit/test_inference.build_lively_model (linear weights x8: varied output)."""
+    hf = tiny.build_hf_model(family, None, seed=seed, **overrides)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.mul_(8.0)
+    hf.save_pretrained(path)
+    tiny.build_tokenizer(path)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 13)]
+
+
+CONFIGS = {
+    "greedy": dict(),
+    "sample": dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=21),
+    "beam": dict(num_beams=3),
+    "greedy_no_cache": dict(use_kv_cache=False),
+}
+
+
+def _generate_all(path, tp):
+    info = initialize(tp, 1, seed=9)
+    engine, _ = build_inference_engine(ModelSource(load=path, tensor_model_parallel_size=tp), info.tp_rank)
+    out = {}
+    for name, kw in CONFIGS.items():
+        cfg = GenerationConfig(max_new_tokens=NEW, stop_token_ids=(EOS,), **kw)
+        out[name] = [o.tokens for o in generate(engine, _prompts(), cfg)]
+    return out
+
+
+def _same_on_all_ranks(obj):
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    assert all(p == parts[0] for p in parts), f"ranks disagree: {parts}"
+
+
+def _check_tp2_equals_tp1(tmp, family):
+    path = _shared_dir(tmp, family, lambda p: _lively(p, family))
+    tp1 = _generate_all(path, 1)
+    tp2 = _generate_all(path, 2)
+    for name in CONFIGS:
+        assert tp2[name] == tp1[name], f"{family} {name}: TP=2 {tp2[name]} != TP=1 {tp1[name]}"
+    assert tp1["greedy"] == tp1["greedy_no_cache"]
+    _same_on_all_ranks(tp2)
+
+
+def check_tp2_tokens_equal_tp1_qwen3(tmp):
+    _check_tp2_equals_tp1(tmp, "qwen3")
+
+
+def check_tp2_tokens_equal_tp1_qwen2_tied_bias(tmp):
+    _check_tp2_equals_tp1(tmp, "qwen2")
+
+
+def check_evaluation_split_over_dp_and_tp(tmp):
+    """DP=2 (each rank scores half) and TP=2 give the predictions of one rank scoring everything."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate
+    from mindspeed_lora.inference.model import load_tokenizer
+    from tests.unit.test_evaluation import make_exam
+
+    path = _shared_dir(tmp, "eval_model", lambda p: _lively(p, seed=14, max_position_embeddings=1024))
+    root = _shared_dir(tmp, "exam", lambda p: make_exam(p, n_test=5))
+    tok = load_tokenizer(path)
+    cfg = EvalConfig(task="mmlu", data_path=root, batch_size=3)
+    info = initialize(1, 1, seed=9)
+    engine, _ = build_inference_engine(ModelSource(load=path), info.tp_rank)
+    whole = evaluate(ExamScorer(engine, tok, cfg))  # every rank scores everything
+    split = evaluate(ExamScorer(engine, tok, cfg), info.dp_rank, info.dp_size, ps.get_data_parallel_group())
+    assert info.dp_size == 2
+    assert split == whole
+    info = initialize(2, 1, seed=9)
+    engine, _ = build_inference_engine(ModelSource(load=path, tensor_model_parallel_size=2), info.tp_rank)
+    tp2 = evaluate(ExamScorer(engine, tok, cfg), info.dp_rank, info.dp_size, ps.get_data_parallel_group())
+    assert tp2 == whole
+    assert len({p.prediction for p in whole}) > 1
