@@ -11,7 +11,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -27,6 +26,7 @@ from mindspeed_lora.evaluation.mmlu import (
     load_exam,
     resolve_exam_dir,
 )
+from mindspeed_lora.inference.prompting import ChatFormat, RawFormat
 
 TASKS = ("mmlu", "cmmlu", "ceval")
 METHODS = ("logits", "generate")
@@ -100,24 +100,21 @@ def _batches(items: list, size: int):
 
 
 class ExamScorer:
-    """Scores questions with one model; ``format_prompt`` wraps the exam text in a chat template (or not)."""
+    """Scores questions with one model; ``fmt`` puts the exam text in a chat template (default: raw text)."""
 
-    def __init__(self, engine, tokenizer, cfg: EvalConfig, format_prompt: Callable[[str], str] | None = None,
-                 generation=None):
+    def __init__(self, engine, tokenizer, cfg: EvalConfig, fmt: ChatFormat | None = None, generation=None):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
-        self.format_prompt = format_prompt
+        self.fmt = fmt or RawFormat(tokenizer)
+        chat = not isinstance(self.fmt, RawFormat)
         base = STYLES[cfg.language]
         # A chat template puts the answer at the start of the assistant turn: no separating space.
-        self.style = PromptStyle(base.header, base.cue, "" if format_prompt else base.answer_prefix)
+        self.style = PromptStyle(base.header, base.cue, "" if chat else base.answer_prefix)
         self.generation = generation
         if cfg.method == "logits":
             self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix)
 
     def prompt_ids(self, q: Question, examples: list[Question]) -> list[int]:
-        text = build_prompt(q, examples, self.style)
-        if self.format_prompt is not None:
-            text = self.format_prompt(text)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.fmt.encode([{"role": "user", "content": build_prompt(q, examples, self.style)}])
         if self.cfg.method == "logits":
             ids = ids + self.suffix
         limit = self.engine.max_positions - (self.cfg.max_new_tokens if self.cfg.method == "generate" else 0)

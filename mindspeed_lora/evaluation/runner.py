@@ -43,10 +43,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
     tokenizer = load_tokenizer(tok_dir, use_fast=not args.tokenizer_not_use_fast)
-    fmt = RawFormat() if args.no_chat_template else chat_format(
+    fmt = RawFormat(tokenizer) if args.no_chat_template else chat_format(
         tokenizer, tok_dir, args.prompt_type, args.prompt_type_path, args.enable_thinking, args.hf_chat_template)
-    format_prompt = None if isinstance(fmt, RawFormat) else (
-        lambda text: fmt.render([{"role": "user", "content": text}]))
     stops = stop_tokens(tokenizer, fmt, args.add_eos_token)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gen_cfg = generation_config(args, "greedy", stops, pad_id)
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     try:
         engine, _ = build_inference_engine(source, info.tp_rank)
         for cfg in configs:
-            scorer = ExamScorer(engine, tokenizer, cfg, format_prompt, gen_cfg)
+            scorer = ExamScorer(engine, tokenizer, cfg, fmt, gen_cfg)
             preds = evaluate(scorer, info.dp_rank, info.dp_size, ps.get_data_parallel_group(),
                              progress=info.rank == 0)
             summary = summarize(preds, cfg, scorer_split(cfg))

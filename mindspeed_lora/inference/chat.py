@@ -29,17 +29,17 @@ def conversation(user: str, history: list[tuple[str, str]], history_turns: int,
 class ChatSession:
     """One conversation; ``reply`` renders it, generates, and remembers the turn."""
 
-    def __init__(self, fmt: ChatFormat, respond: Callable[[str], str], history_turns: int = 3,
+    def __init__(self, fmt: ChatFormat, respond: Callable[[list[int]], str], history_turns: int = 3,
                  system: str | None = None):
         self.fmt, self.respond = fmt, respond
         self.history_turns, self.system = history_turns, system
         self.history: list[tuple[str, str]] = []
 
-    def prompt_text(self, user: str) -> str:
-        return self.fmt.render(conversation(user, self.history, self.history_turns, self.system))
+    def prompt_ids(self, user: str) -> list[int]:
+        return self.fmt.encode(conversation(user, self.history, self.history_turns, self.system))
 
     def reply(self, user: str) -> str:
-        answer = self.respond(self.prompt_text(user))
+        answer = self.respond(self.prompt_ids(user))
         self.history.append((user, answer))
         return answer
 

@@ -77,7 +77,8 @@ class InferenceEngine:
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
         slots = torch.arange(ids.shape[1], device=self.device)
-        step = AttentionStep(mask=attention_mask(valid.to(self.device), slots, slots))
+        step = AttentionStep()
+        step.set(attention_mask(valid.to(self.device), slots, slots), None)
         previous = [layer.step for layer in layers]  # an open decoder's step is restored afterwards
         for layer in layers:
             layer.step = step
@@ -165,16 +166,14 @@ class CachedDecoder:
         s = ids.shape[1]
         self.valid[:, :s] = valid.to(self.valid.device)
         slots = self.key_slots[:s]
-        self.step.slots = slots
-        self.step.mask = attention_mask(self.valid, slots, self.key_slots)
+        self.step.set(attention_mask(self.valid, slots, self.key_slots), slots)
         logits = self.engine.forward(ids.to(self.engine.device), self.rope_table[:s], last_only=True)
         self.slot.fill_(s)
         return logits[:, -1]
 
     def _decode_body(self) -> torch.Tensor:
         self.valid.index_fill_(1, self.slot, True)
-        self.step.slots = self.slot
-        self.step.mask = attention_mask(self.valid, self.slot, self.key_slots)
+        self.step.set(attention_mask(self.valid, self.slot, self.key_slots), self.slot)
         return self.engine.forward(self.tokens, self.rope_table.index_select(0, self.slot), last_only=True)[:, -1]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

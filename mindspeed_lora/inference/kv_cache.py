@@ -18,7 +18,7 @@ the same attention as HF's left padding with position_ids = cumsum(mask) - 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,20 @@ class AttentionStep:
 
     mask: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    _grouped: dict = field(default_factory=dict, repr=False)
+
+    def set(self, mask: torch.Tensor, slots: torch.Tensor | None) -> None:
+        self.mask, self.slots = mask, slots
+        self._grouped = {}
+
+    def grouped_mask(self, rep: int) -> torch.Tensor:
+        """The mask for queries laid out [b, groups, rep * sq, d] (rows r * sq + i see what row i sees);
+        made once per forward and shared by the layers."""
+        if rep == 1 or self.mask.shape[2] == 1:
+            return self.mask
+        if rep not in self._grouped:
+            self._grouped[rep] = self.mask.repeat(1, 1, rep, 1)
+        return self._grouped[rep]
 
 
 class KVCacheAttention(torch.nn.Module):
@@ -71,19 +85,21 @@ class KVCacheAttention(torch.nn.Module):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
+        rep = self.num_heads // self.num_groups
         step = self.step
         if step is None:
-            mask, causal = None, True
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 enable_gqa=rep > 1)
         else:
-            mask, causal = step.mask, False
             if step.slots is not None:
                 self.k_cache.index_copy_(2, step.slots, k.to(self.k_cache.dtype))
                 self.v_cache.index_copy_(2, step.slots, v.to(self.v_cache.dtype))
                 k, v = self.k_cache, self.v_cache
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-            enable_gqa=self.num_groups != self.num_heads,
-        )
+            # GQA without copying keys: the rep query heads of a group become rep * sq query rows of that
+            # group (megatron orders query heads group by group), so k and v are used as they are.
+            q = q.reshape(b, self.num_groups, rep * sq, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.grouped_mask(rep), scale=self.softmax_scale)
+        out = out.reshape(b, self.num_heads, sq, self.head_dim)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
 

@@ -1,4 +1,4 @@
-"""Prompt text for generation: a chat template (``--prompt-type`` / ``--hf-chat-template``) or the raw prompt,
+"""Prompt tokens for generation: a chat template (``--prompt-type`` / ``--hf-chat-template``) or the raw prompt,
 and the stop tokens that end a reply (the tokenizer's eos, the template's stop_words, ``--add-eos-token``)."""
 from __future__ import annotations
 
@@ -9,23 +9,30 @@ from mindspeed_lora.errors import UserError
 
 
 class ChatFormat:
-    """Renders a conversation (messages with role system/user/assistant, the last one a user turn) into the
-    prompt text that ends where the assistant's reply starts."""
+    """Turns a conversation (messages with role system/user/assistant, the last one a user turn) into the prompt
+    token ids that end where the assistant's reply starts."""
 
     name: str = "raw"
     stop_words: tuple[str, ...] = ()
 
-    def render(self, messages: list[dict]) -> str:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, messages: list[dict]) -> list[int]:
         raise NotImplementedError
+
+    def _tokens(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 class RawFormat(ChatFormat):
-    """No template: the turns' texts concatenated (MindSpeed-LLM's behaviour without a template)."""
+    """No template: the turns' texts concatenated (MindSpeed-LLM's behaviour without a template), with the
+    tokenizer's own special tokens (a bos where the tokenizer adds one)."""
 
     name = "raw"
 
-    def render(self, messages: list[dict]) -> str:
-        return "".join(m["content"] for m in messages if m["role"] != "system")
+    def encode(self, messages: list[dict]) -> list[int]:
+        return self._tokens("".join(m["content"] for m in messages if m["role"] != "system"), special=True)
 
 
 class HFChatFormat(ChatFormat):
@@ -34,30 +41,44 @@ class HFChatFormat(ChatFormat):
     name = "hf-chat-template"
 
     def __init__(self, tokenizer, source: str):
+        super().__init__(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"--hf-chat-template: the tokenizer in {source} has no chat_template; "
                             "use --prompt-type NAME instead")
-        self.tokenizer = tokenizer
 
-    def render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tokens(text)
 
 
 class TemplateFormat(ChatFormat):
-    """A named template of templates.json (``--prompt-type``), rendered by mindspeed_lora.data.templates."""
+    """A named template of templates.json (``--prompt-type``), rendered as preprocess_data.py renders training
+    data (each slot tokenized on its own), so the prompt is token for token what the model was tuned on.
 
-    def __init__(self, name: str, path: str | None, enable_thinking):
-        from mindspeed_lora.data import templates
+    Reasoning templates (qwen3): unless ``--enable-thinking true``, the empty thought block follows the
+    assistant prefix, as in training data without thoughts (and Qwen3's enable_thinking=False).
+    """
 
-        self.template = templates.get_template(name, path)
+    def __init__(self, tokenizer, name: str, path: str | None, enable_thinking):
+        from mindspeed_lora.data.templates import ChatTemplate, load_template
+
+        super().__init__(tokenizer)
+        self.spec = load_template(name, path)
+        self.template = ChatTemplate.bind(self.spec, tokenizer)
         self.name = name
         self.enable_thinking = enable_thinking
-        self.stop_words = tuple(self.template.stop_words or ())
+        self.stop_words = tuple(self.spec.stop_words)
 
-    def render(self, messages: list[dict]) -> str:
-        from mindspeed_lora.data import templates
-
-        return templates.render_generation_prompt(self.template, messages, enable_thinking=self.enable_thinking)
+    def encode(self, messages: list[dict]) -> list[int]:
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        turns = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+        pieces = [p for segment, _ in self.template.render(system, turns, self.enable_thinking) for p in segment]
+        if self.template.reasoning and self.enable_thinking is not True:
+            pieces.append(self.template.empty_thought)
+        ids: list[int] = []
+        for piece in pieces:
+            ids += [piece] if isinstance(piece, int) else self._tokens(piece)
+        return ids
 
 
 def chat_format(tokenizer, tokenizer_source: str, prompt_type: str | None, prompt_type_path: str | None,
@@ -67,8 +88,8 @@ def chat_format(tokenizer, tokenizer_source: str, prompt_type: str | None, promp
     if hf_chat_template:
         return HFChatFormat(tokenizer, tokenizer_source)
     if prompt_type:
-        return TemplateFormat(prompt_type, prompt_type_path, enable_thinking)
-    return RawFormat()
+        return TemplateFormat(tokenizer, prompt_type, prompt_type_path, enable_thinking)
+    return RawFormat(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,7 @@ def stop_tokens(tokenizer, fmt: ChatFormat, extra: list[str] = (), warn=sys.stde
                             "--add-eos-token WORD")
         if warn is not None:
             print(f"warning: template {fmt.name!r} has no stop_words; replies end at the tokenizer's eos token "
-                  f"{tokenizer.eos_token!r}" + (f" or {extra}" if extra else ""), file=warn, flush=True)
+                  f"{tokenizer.eos_token!r}" + (f" or {list(extra)}" if extra else ""), file=warn, flush=True)
     ids, seqs = [], []
     if eos is not None:
         ids.append(int(eos))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.chat import ChatSession, interactive
 from mindspeed_lora.inference.generation import Generated, GenerationConfig, generate
-from mindspeed_lora.inference.prompting import ChatFormat, RawFormat, StopTokens, chat_format, stop_tokens
+from mindspeed_lora.inference.prompting import ChatFormat, StopTokens, chat_format, stop_tokens
 from mindspeed_lora.inference.streaming import TextStreamer
 
 DEFAULT_PROMPT = "how are you?"
@@ -102,11 +102,7 @@ class Runner:
         self.rank0 = info.rank == 0
 
     def encode(self, messages: list[dict]) -> list[int]:
-        return self.encode_text(self.fmt.render(messages))
-
-    def encode_text(self, text: str) -> list[int]:
-        # A chat template writes its own special tokens (bos included); a raw prompt gets the tokenizer's.
-        ids = self.tokenizer(text, add_special_tokens=isinstance(self.fmt, RawFormat))["input_ids"]
+        ids = self.fmt.encode(messages)
         if not ids:
             raise UserError("a prompt encodes to no tokens")
         return ids
@@ -149,8 +145,8 @@ class Runner:
         return [results[i] for i in range(len(requests))]
 
     def respond_chat(self, cfg: GenerationConfig):
-        def respond(prompt_text: str) -> str:
-            outs = self.run_batch([self.encode_text(prompt_text)], cfg, self.args.stream)
+        def respond(prompt_ids: list[int]) -> str:
+            outs = self.run_batch([prompt_ids], cfg, self.args.stream)
             text = self.decode(outs[0])
             if self.rank0 and not self.args.stream:
                 print(text, flush=True)
