@@ -21,8 +21,10 @@ CACHE_GRANULE = 64
 """KV caches are sized in multiples of this many slots, so that prompts of similar length share one cache."""
 
 
-def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-    """bool [b, 1, q, k]: query at slot i sees key at slot j when j <= i and slot j holds a real token.
+def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, key_slots: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask [b, 1, q, k]: 0 where the query at slot i sees the key at slot j (j <= i and slot j holds a
+    real token), -inf elsewhere. Additive rather than bool: SDPA turns a bool mask into this anyway, slowly.
 
     valid: bool [b, k] (False on left padding); query_slots: long [q]; key_slots: long [k].
     A query at a pad slot also sees itself, so that no softmax row is empty (an empty row gives NaN, and NaN
@@ -30,7 +32,8 @@ def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, key_slots: to
     """
     causal = key_slots[None, :] <= query_slots[:, None]  # [q, k]
     own = key_slots[None, :] == query_slots[:, None]
-    return (valid[:, None, None, :] & causal[None, None]) | own[None, None]
+    allowed = (valid[:, None, None, :] & causal[None, None]) | own[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class InferenceEngine:
@@ -78,7 +81,7 @@ class InferenceEngine:
             valid = torch.ones_like(ids, dtype=torch.bool)
         slots = torch.arange(ids.shape[1], device=self.device)
         step = AttentionStep()
-        step.set(attention_mask(valid.to(self.device), slots, slots), None)
+        step.set(attention_mask(valid.to(self.device), slots, slots, self.dtype), None)
         previous = [layer.step for layer in layers]  # an open decoder's step is restored afterwards
         for layer in layers:
             layer.step = step
@@ -166,14 +169,14 @@ class CachedDecoder:
         s = ids.shape[1]
         self.valid[:, :s] = valid.to(self.valid.device)
         slots = self.key_slots[:s]
-        self.step.set(attention_mask(self.valid, slots, self.key_slots), slots)
+        self.step.set(attention_mask(self.valid, slots, self.key_slots, self.engine.dtype), slots)
         logits = self.engine.forward(ids.to(self.engine.device), self.rope_table[:s], last_only=True)
         self.slot.fill_(s)
         return logits[:, -1]
 
     def _decode_body(self) -> torch.Tensor:
         self.valid.index_fill_(1, self.slot, True)
-        self.step.set(attention_mask(self.valid, self.slot, self.key_slots), self.slot)
+        self.step.set(attention_mask(self.valid, self.slot, self.key_slots, self.engine.dtype), self.slot)
         return self.engine.forward(self.tokens, self.rope_table.index_select(0, self.slot), last_only=True)[:, -1]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 class AttentionStep:
     """What every KVCacheAttention of one model reads during one forward (the engine fills it in).
 
-    mask:  bool [b, 1, sq, sk], True where the query may attend to the key (sk = max_len with a cache).
+    mask:  additive [b, 1, sq, sk], 0 where the query may attend to the key, -inf elsewhere (sk = max_len with
+           a cache).
     slots: long [sq], the cache slots this forward's tokens occupy; None to attend without a cache.
     """
 
