@@ -1,0 +1,221 @@
+"""Model side of a training run: architecture from --load, the stage's model chunk, its weights, DDP.
+
+The architecture is read from what convert_ckpt.py saved (``mindspeed_lora.json``) or from an HF
+``config.json``; architecture flags given on the command line override it. The chunk for this rank's pipeline
+stage is megatron-core's GPTModel built from the family's layer spec (LoRA and fused ops enter through spec
+hooks), then wrapped in megatron's DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.models.arch import ModelArch, dtype_name
+from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model, layer_counts
+from mindspeed_lora.models.family import read_hf_config
+from mindspeed_lora.training import positions
+from mindspeed_lora.training.config import ModelSetup, TrainingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSource:
+    """What ``--load`` points at."""
+
+    path: str
+    kind: str
+    """"hf" (an HF model directory) or "megatron" (a converted or training checkpoint)."""
+    metadata: dict | None = None
+
+
+def inspect_load_dir(path: str) -> LoadSource:
+    if not os.path.isdir(path):
+        raise UserError(f"--load {path}: no such directory")
+    meta = megatron_io.read_metadata(path)
+    if meta is not None:
+        return LoadSource(path, "megatron", meta)
+    if os.path.isfile(os.path.join(path, megatron_io.LATEST)):
+        raise UserError(f"--load {path}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF "
+                        "model with this project's convert_ckpt.py (it records the architecture), or pass the "
+                        "HF model directory to --load")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return LoadSource(path, "hf")
+    raise UserError(f"--load {path}: neither a Megatron checkpoint ({megatron_io.LATEST} + {megatron_io.METADATA}) "
+                    "nor an HF model directory (config.json)")
+
+
+def resolve_arch(source: LoadSource, setup: ModelSetup) -> ModelArch:
+    """The checkpoint's architecture with command-line overrides applied and checked."""
+    if source.kind == "hf":
+        arch = ModelArch.from_hf_config(read_hf_config(source.path), os.path.join(source.path, "config.json"))
+    else:
+        if "arch" not in source.metadata:
+            raise UserError(f"{os.path.join(source.path, megatron_io.METADATA)}: missing key 'arch'")
+        arch = ModelArch.from_dict(source.metadata["arch"], os.path.join(source.path, megatron_io.METADATA))
+    if setup.arch_overrides:
+        arch = dataclasses.replace(arch, **setup.arch_overrides)
+    where = f"--load {source.path}"
+    if setup.untie_embeddings and arch.tie_word_embeddings:
+        raise UserError(f"--untie-embeddings-and-output-weights: {where} ties the output layer to the embedding")
+    if setup.require_qk_layernorm and not arch.qk_layernorm:
+        raise UserError(f"--qk-layernorm: the {arch.family} model at {where} has no q/k layernorm")
+    if setup.require_qkv_bias and not arch.qkv_bias:
+        raise UserError(f"--add-qkv-bias: the {arch.family} model at {where} has no q/k/v bias")
+    if arch.num_attention_heads % arch.num_query_groups:
+        raise UserError(f"num_attention_heads {arch.num_attention_heads} is not a multiple of num_query_groups "
+                        f"{arch.num_query_groups}")
+    return arch
+
+
+def check_layout(source: LoadSource, arch: ModelArch, parallel: ParallelOptions, what: str = "--load") -> None:
+    """Refuse a Megatron checkpoint whose TP/PP layout or architecture differs from this run."""
+    meta = source.metadata
+    path = os.path.join(source.path, megatron_io.METADATA)
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ck_tp, ck_pp = meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size")
+    counts = layer_counts(arch, parallel)
+    ck_counts = meta.get("num_layer_list")
+    if (ck_tp, ck_pp) != (tp, pp) or (pp > 1 and ck_counts is not None and list(ck_counts) != counts):
+        raise UserError(
+            f"{what} {source.path}: saved with tensor-model-parallel-size {ck_tp}, pipeline-model-parallel-size "
+            f"{ck_pp} (layers per stage {ck_counts}); this run uses {tp}, {pp} ({counts}). Reshard it with "
+            f"convert_ckpt.py --load-model-type mg --save-model-type mg --target-tensor-parallel-size {tp} "
+            f"--target-pipeline-parallel-size {pp}"
+        )
+    if "arch" in meta:
+        saved = ModelArch.from_dict(meta["arch"], path)
+        diffs = [f"{f.name} {getattr(saved, f.name)!r} vs {getattr(arch, f.name)!r}"
+                 for f in dataclasses.fields(ModelArch)
+                 if f.name != "torch_dtype" and getattr(saved, f.name) != getattr(arch, f.name)]
+        if diffs:
+            raise UserError(f"{what} {source.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
+
+
+def model_options(cfg: TrainingConfig, lora_hooks: list) -> ModelOptions:
+    m = cfg.model
+    return ModelOptions(
+        params_dtype=m.params_dtype,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        spec_hooks=list(lora_hooks) + list(cfg.spec_hooks),
+    )
+
+
+def build_stage_model(arch: ModelArch, cfg: TrainingConfig, options: ModelOptions, is_first: bool, is_last: bool):
+    """This rank's GPTModel chunk, on the accelerator, with positioned rotary embeddings installed."""
+    from mindspeed_lora.accelerator import get_accelerator
+
+    model = build_gpt_model(arch, cfg.parallel, options, pre_process=is_first, post_process=is_last)
+    model.config.calculate_per_token_loss = cfg.batch.calculate_per_token_loss
+    # micro-batches padded to their own length need their shapes sent between pipeline stages
+    model.config.variable_seq_lengths = not cfg.data.pad_to_seq_length
+    model = model.to(get_accelerator().device())
+    rope = positions.install(model)
+    return model, rope
+
+
+def checkpoint_weight_keys(model) -> dict[str, torch.Tensor]:
+    """Model weights as a checkpoint names them: no megatron _extra_state, ``.base_layer.`` folded away."""
+    from mindspeed_lora.checkpoint.weight_map import is_weight_key
+
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
+            if is_weight_key(k)}
+
+
+def load_megatron_weights(model, source: LoadSource, parallel: ParallelOptions, tp_rank: int, pp_rank: int,
+                          state: dict | None = None) -> None:
+    """Copy this rank's shard of a Megatron checkpoint (base weights, not adapters) into ``model``."""
+    if state is None:
+        iter_dir = megatron_io.resolve_iteration_dir(source.path)
+        path = megatron_io.shard_path(iter_dir, tp_rank, pp_rank, parallel.pipeline_model_parallel_size)
+        state = megatron_io.load_shard(path)
+    where = f"--load {source.path} (TP rank {tp_rank}, PP rank {pp_rank})"
+    saved = state.get("model")
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: shard has no 'model' state dict")
+    saved = {k: v for k, v in saved.items() if not k.endswith("_extra_state") and ".lora_" not in k}
+    params = checkpoint_weight_keys(model)
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise UserError(f"{where}: checkpoint keys do not match the model: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]} (another model or layout?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            t = saved[k]
+            if tuple(t.shape) != tuple(p.shape):
+                raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+
+
+def load_base_weights(model, source: LoadSource, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
+                      pp_rank: int, state: dict | None = None) -> None:
+    if source.kind == "hf":
+        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
+        from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+
+        load_hf_weights(model, HFCheckpointReader(source.path), arch, parallel, tp_rank, pp_rank)
+    else:
+        load_megatron_weights(model, source, parallel, tp_rank, pp_rank, state)
+
+
+def wrap_ddp(model, cfg: TrainingConfig):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        # bf16/fp16 grads accumulate and reduce in fp32, as megatron does for --bf16
+        grad_reduce_in_fp32=cfg.model.params_dtype != torch.float32,
+        overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
+        overlap_param_gather=cfg.optim.overlap_param_gather,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp.broadcast_params()  # every data-parallel replica starts from DP rank 0's weights
+    return ddp
+
+
+def build_optimizer(chunks: list, cfg: TrainingConfig, train_iters: int):
+    """megatron's optimizer (distributed or not) and its learning-rate scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    dtype = cfg.model.params_dtype
+    ocfg = OptimizerConfig(
+        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
+        clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        initial_loss_scale=o.initial_loss_scale, loss_scale=o.loss_scale,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        overlap_param_gather_with_optimizer_step=False,
+    )
+    optimizer = get_megatron_optimizer(ocfg, chunks)
+    warmup, decay = o.schedule(train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=decay, wd_incr_style="constant",
+        # on resume the schedule is the checkpoint's (megatron's --use-checkpoint-opt_param-scheduler)
+        use_checkpoint_opt_param_scheduler=True,
+    )
+    return optimizer, scheduler
+
+
+def metadata_for(arch: ModelArch, parallel: ParallelOptions, params_dtype: torch.dtype, lora: dict | None,
+                 iteration: int) -> dict:
+    return {
+        "format_version": 1,
+        "arch": arch.to_dict(),
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "num_layer_list": layer_counts(arch, parallel),
+        "params_dtype": dtype_name(params_dtype),
+        "lora": lora,
+        "iteration": iteration,
+    }

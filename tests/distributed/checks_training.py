@@ -1,0 +1,247 @@
+"""posttrain_gpt.py training on 2 gloo ranks, checked against single-rank runs (see test_training.py).
+
+Oracle: the same training run on one rank. ``checks_training_single.py`` runs the references in a world of
+one (its own torchrun launch, before this one) and writes their per-iteration losses and grad norms to
+``<root>/single/refs/*.json``; every check here reruns that configuration with TP=2, TP=2+SP, PP=2, DP=2 or
+the distributed optimizer and compares, iteration by iteration, within 1e-5 relative. Resume is compared
+bitwise with the uninterrupted run of the same layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from tests import training_fixtures as fx
+
+REL_TOL = 1e-5
+ITERS = 5
+
+
+# --------------------------------------------------------------------------------------------- shared
+
+def root_of(tmp: str) -> str:
+    """The directory shared by the single-rank and the 2-rank launch (tmp is <root>/<launch>/<check>)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(tmp)))
+
+
+def inputs(root: str) -> dict:
+    """Tiny models and datasets, created once by global rank 0 of whichever launch comes first."""
+    base = os.path.join(root, "inputs")
+    paths = {
+        "qwen3": os.path.join(base, "hf_qwen3"),
+        "qwen2": os.path.join(base, "hf_qwen2"),
+        "heads3": os.path.join(base, "hf_heads3"),
+        "toy": os.path.join(base, "data", "toy"),
+        "packed": os.path.join(base, "data", "packed"),
+        "long": os.path.join(base, "data", "long"),
+    }
+    done = os.path.join(base, "done")
+    if dist.get_rank() == 0 and not os.path.exists(done):
+        from mindspeed_lora import tiny
+
+        fx.tiny_model_dir(base, "qwen3")
+        fx.tiny_model_dir(base, "qwen2")
+        tiny.build_hf_model("qwen3", paths["heads3"], seed=3, num_attention_heads=3, num_key_value_heads=1)
+        samples = fx.toy_samples(48, seed=0)
+        fx.write_sft_data(paths["toy"], samples)
+        fx.write_sft_data(paths["packed"], fx.neat_pack(samples[:12], 32))
+        fx.write_sft_data(paths["long"], fx.toy_samples(4, seed=1, min_prompt=40, max_prompt=40))
+        open(done, "w").close()
+    dist.barrier()
+    return paths
+
+
+def train(argv: list[str]):
+    """One run through the library entry points posttrain_gpt.py uses (process group kept alive)."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.training.config import training_config_from_args
+    from mindspeed_lora.training.sft import SFTTrainer
+
+    trainer = SFTTrainer(training_config_from_args(parse_args("posttrain_gpt", argv)))
+    trainer.setup()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer, result
+
+
+def base_argv(p: dict, model: str = "qwen3", extra: list[str] | None = None, iters: int = ITERS) -> list[str]:
+    return fx.train_argv(p[model], p["toy"], iters=iters, gbs=4, mbs=1, seq=32, lr=2e-3, extra=extra)
+
+
+def ref_path(root: str, name: str) -> str:
+    return os.path.join(root, "single", "refs", f"{name}.json")
+
+
+def save_ref(root: str, name: str, result) -> None:
+    if dist.get_rank() == 0:
+        path = ref_path(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, f)
+
+
+def load_ref(root: str, name: str) -> dict:
+    with open(ref_path(root, name)) as f:
+        return json.load(f)
+
+
+def assert_close_to_ref(result, ref: dict, what: str, tol: float = REL_TOL) -> None:
+    got = [v for _, v in result.losses]
+    want = [v for _, v in ref["losses"]]
+    assert len(got) == len(want) == ITERS, (what, got, want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= tol * abs(w), f"{what}: iteration {i + 1} loss {g!r} vs single-rank {w!r}"
+    for (_, g), (_, w) in zip(result.grad_norms, ref["grad_norms"]):
+        assert abs(g - w) <= 10 * tol * abs(w), f"{what}: grad norm {g!r} vs single-rank {w!r}"
+
+
+def expect_user_error(argv: list[str], *fragments: str) -> str:
+    from mindspeed_lora.errors import UserError
+
+    try:
+        train(argv)
+    except UserError as e:
+        msg = str(e)
+        for frag in fragments:
+            assert frag in msg, f"message {msg!r} lacks {frag!r}"
+        return msg
+    raise AssertionError(f"no UserError for {argv}")
+
+
+def barrier_write_latest(save_dir: str, iteration: int) -> None:
+    """Point latest_checkpointed_iteration.txt at an earlier iteration (to resume from the middle)."""
+    if dist.get_rank() == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+def _parity(tmp: str, extra: list[str], ref: str = "full_qwen3", model: str = "qwen3") -> None:
+    root = root_of(tmp)
+    p = inputs(root)
+    _, result = train(base_argv(p, model, extra))
+    assert_close_to_ref(result, load_ref(root, ref), " ".join(extra))
+
+
+def check_tp2_matches_single_rank(tmp):
+    _parity(tmp, ["--tensor-model-parallel-size", "2"])
+
+
+def check_tp2_sequence_parallel_matches_single_rank(tmp):
+    _parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+
+
+def check_pp2_matches_single_rank(tmp):
+    # variable lengths: micro-batch shapes travel between the stages
+    _parity(tmp, ["--pipeline-model-parallel-size", "2", "--variable-seq-lengths"])
+
+
+def check_pp2_tied_embeddings_match_single_rank(tmp):
+    # qwen2 ties the output layer to the embedding: megatron keeps a copy on each end stage and syncs grads
+    _parity(tmp, ["--pipeline-model-parallel-size", "2"], ref="full_qwen2", model="qwen2")
+
+
+def check_dp2_matches_single_rank(tmp):
+    _parity(tmp, [])
+
+
+def check_distributed_optimizer_matches_single_rank(tmp):
+    _parity(tmp, ["--use-distributed-optimizer"])
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+def _resume_bitwise(tmp: str, extra: list[str]) -> None:
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "ckpt")
+    _, full = train(base_argv(p, extra=extra + ["--save", save, "--save-interval", "3"], iters=6))
+    assert os.path.isdir(os.path.join(save, "iter_0000003")) and os.path.isdir(os.path.join(save, "iter_0000006"))
+    barrier_write_latest(save, 3)
+    argv = fx.train_argv(save, p["toy"], iters=6, gbs=4, mbs=1, seq=32, lr=2e-3, extra=extra)
+    trainer, resumed = train(argv)
+    assert resumed.start_iteration == 3, resumed.start_iteration
+    assert [i for i, _ in resumed.losses] == [4, 5, 6]
+    want = [v for i, v in full.losses if i > 3]
+    got = [v for _, v in resumed.losses]
+    assert got == want, f"resumed {got} vs uninterrupted {want}"
+    assert [g for _, g in resumed.grad_norms] == [g for i, g in full.grad_norms if i > 3]
+
+
+def check_resume_is_bitwise_with_distributed_optimizer(tmp):
+    _resume_bitwise(tmp, ["--use-distributed-optimizer"])
+
+
+def check_resume_is_bitwise_pp2(tmp):
+    _resume_bitwise(tmp, ["--pipeline-model-parallel-size", "2"])
+
+
+def check_finetune_starts_at_iteration_zero(tmp):
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "ckpt")
+    _, first = train(base_argv(p, extra=["--save", save], iters=3))
+    trainer, tuned = train(fx.train_argv(save, p["toy"], iters=4, gbs=4, mbs=1, seq=32, lr=2e-3,
+                                         extra=["--finetune"]))
+    assert tuned.start_iteration == 0 and [i for i, _ in tuned.losses] == [1, 2, 3, 4]
+    # the trained weights were loaded (the first batch is the same samples as the first run's iteration 1)
+    assert tuned.losses[0][1] < first.losses[0][1] - 1e-3, (tuned.losses, first.losses)
+    assert trainer.scheduler.num_steps == 4  # a fresh schedule, not the checkpoint's
+
+
+# --------------------------------------------------------------------------------------------- failures
+
+def check_nan_loss_stops_and_keeps_last_good_checkpoint(tmp):
+    from mindspeed_lora.training.sft import TrainingStopped
+
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "ckpt")
+    argv = fx.train_argv(p["qwen3"], p["toy"], iters=6, gbs=4, mbs=1, seq=32, lr=1e30,
+                         extra=["--save", save, "--save-interval", "1", "--lr-decay-style", "constant"])
+    try:
+        train(argv)
+    except TrainingStopped as e:
+        msg = str(e)
+    else:
+        raise AssertionError("a run with lr 1e30 did not stop")
+    assert "not finite" in msg, msg
+    latest = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert f"iter_{latest:07d}" in msg, msg
+    failed = int(msg.split("iteration ")[1].split(":")[0])
+    assert latest == failed - 1, (latest, failed)
+    assert not os.path.exists(os.path.join(save, f"iter_{failed:07d}"))
+    state = torch.load(os.path.join(save, f"iter_{latest:07d}", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=True)
+    assert state["iteration"] == latest
+
+
+def check_missing_data_prefix_refused(tmp):
+    p = inputs(root_of(tmp))
+    argv = fx.train_argv(p["qwen3"], os.path.join(tmp, "nope"), iters=1)
+    expect_user_error(argv, "nope_packed_input_ids_document", "preprocess_data.py")
+
+
+def check_sample_longer_than_seq_length_refused(tmp):
+    p = inputs(root_of(tmp))
+    expect_user_error(fx.train_argv(p["qwen3"], p["long"], iters=1, seq=32), "--seq-length 32", "sample")
+
+
+def check_tp_not_dividing_heads_refused(tmp):
+    p = inputs(root_of(tmp))
+    expect_user_error(fx.train_argv(p["heads3"], p["toy"], iters=1, extra=["--tensor-model-parallel-size", "2"]),
+                      "--tensor-model-parallel-size=2 does not divide num_attention_heads=3")
+
+
+def check_checkpoint_of_other_layout_refused(tmp):
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "ckpt")
+    train(base_argv(p, extra=["--save", save], iters=1))  # TP1 PP1 (DP2)
+    expect_user_error(fx.train_argv(save, p["toy"], iters=1, extra=["--tensor-model-parallel-size", "2"]),
+                      "tensor-model-parallel-size 1", "this run uses 2", "convert_ckpt.py")
+    expect_user_error(fx.train_argv(save, p["toy"], iters=1, extra=["--num-layers", "4"]),
+                      "a different model", "num_layers 2 vs 4")

@@ -1,0 +1,86 @@
+"""Single-rank training runs (a world of one, launched before the 2-rank checks; see test_training.py).
+
+They record the references the 2-rank checks compare with, and check what needs no second rank: the loss
+falls, packed samples equal the same samples unpacked, and padding to a multiple of 8 equals padding to
+--seq-length.
+"""
+from __future__ import annotations
+
+import torch
+
+from tests import training_fixtures as fx
+from tests.distributed.checks_training import base_argv, inputs, root_of, save_ref, train
+
+
+def check_reference_full_qwen3(tmp):
+    root = root_of(tmp)
+    _, result = train(base_argv(inputs(root), "qwen3"))
+    save_ref(root, "full_qwen3", result)
+
+
+def check_reference_full_qwen2(tmp):
+    root = root_of(tmp)
+    _, result = train(base_argv(inputs(root), "qwen2"))
+    save_ref(root, "full_qwen2", result)
+
+
+def _falls(losses: list[float], factor: float) -> None:
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < factor * first, f"loss did not fall: first {losses[:3]}, last {losses[-3:]}"
+
+
+def check_full_finetuning_loss_falls(tmp):
+    p = inputs(root_of(tmp))
+    _, result = train(fx.train_argv(p["qwen3"], p["toy"], iters=24, gbs=8, mbs=4, seq=32, lr=3e-3))
+    _falls([v for _, v in result.losses], 0.7)
+
+
+def check_variable_lengths_equal_padding_to_seq_length(tmp):
+    p = inputs(root_of(tmp))
+    _, padded = train(base_argv(p, iters=3))
+    _, variable = train(base_argv(p, extra=["--variable-seq-lengths"], iters=3))
+    for (_, a), (_, b) in zip(padded.losses, variable.losses):
+        assert abs(a - b) <= 1e-6 * abs(a), (padded.losses, variable.losses)
+
+
+def check_packed_samples_equal_unpacked(tmp):
+    """One neat-packed row gives each sample the loss it has alone: no attention across, positions restart."""
+    from mindspeed_lora.data.sft_dataset import CollateOptions, SFTIndexedDataset, collate
+
+    p = inputs(root_of(tmp))
+    trainer, _ = train(fx.train_argv(p["qwen3"], p["packed"], iters=1, gbs=1, seq=32, lr=0.0,
+                                     extra=["--neat-pack"]))
+    model, rope = trainer.model, trainer.rope
+    model.eval()
+    packs = SFTIndexedDataset(p["packed"])
+    pack = packs[0]
+    n_segments = int(pack["attention_mask"].max())
+    assert n_segments >= 2
+    singles = [{k: v[pack["attention_mask"] == s] for k, v in pack.items()} for s in range(1, n_segments + 1)]
+    for s in singles:
+        s["attention_mask"] = s["attention_mask"] * 0 + 1
+
+    def token_losses(batch):
+        rope.position_ids = batch["position_ids"] if batch["attention_mask"] is not None else None
+        with torch.no_grad():
+            out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return out * batch["loss_mask"], batch["loss_mask"]
+
+    packed = collate([pack], CollateOptions(seq_length=32, segments="ids"))
+    assert packed["attention_mask"] is not None
+    packed_losses, packed_mask = token_losses(packed)
+    got = []
+    start = 0
+    for s in singles:
+        n = len(s["input_ids"])
+        got.append(packed_losses[0, start:start + n])
+        assert packed_mask[0, start + n - 1] == 0  # the last token does not predict the next sample
+        start += n
+    for s, g in zip(singles, got):
+        alone, _ = token_losses(collate([s], CollateOptions(seq_length=32)))
+        want = alone[0, :len(s["input_ids"])]
+        assert torch.allclose(g, want, rtol=1e-5, atol=1e-6), (g, want)
+    # and the trainer itself: without --neat-pack the same row attends across samples and differs
+    cross = collate([pack], CollateOptions(seq_length=32))
+    cross_losses, _ = token_losses(cross)
+    assert not torch.allclose(cross_losses, packed_losses, rtol=1e-4)
