@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     from mindspeed_lora.inference.model import (
         ModelSource,
         build_inference_engine,
+        checkpoint_kind,
         default_dtype_name,
+        fused_ops_hooks,
         load_tokenizer,
         tokenizer_dir,
     )
@@ -39,6 +41,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UserError("evaluation keeps the whole model on each rank: split it with --tensor-model-parallel-size "
                         f"(--pipeline-model-parallel-size={args.pipeline_model_parallel_size} is not supported)")
     configs = eval_configs(args)
+    source = ModelSource(load=args.load, lora_load=args.lora_load,
+                         tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
+                         spec_hooks=fused_ops_hooks(args))
+    checkpoint_kind(args.load)
     for cfg in configs:  # bad data directories fail before the model is built
         resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
@@ -48,9 +55,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     stops = stop_tokens(tokenizer, fmt, args.add_eos_token)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gen_cfg = generation_config(args, "greedy", stops, pad_id)
-    source = ModelSource(load=args.load, lora_load=args.lora_load,
-                         tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph)
     info = initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     summaries = []
     try:

@@ -20,7 +20,7 @@ def conversation(user: str, history: list[tuple[str, str]], history_turns: int,
     if history_turns < 0:
         raise UserError(f"--history-turns={history_turns}: expected >= 0")
     messages = [{"role": "system", "content": system}] if system else []
-    kept = history[len(history) - history_turns:] if history_turns else []
+    kept = history[-history_turns:] if history_turns else []
     for q, a in kept:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return messages + [{"role": "user", "content": user}]

@@ -121,6 +121,16 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     return engine, arch
 
 
+def fused_ops_hooks(args) -> list[Callable]:
+    """The fused-op layer-spec hook for the --use-fused-* / --use-flash-attn flags, where the parser has them."""
+    if not hasattr(args, "use_flash_attn"):
+        return []
+    from mindspeed_lora.arguments.fused_ops import fused_ops_config
+    from mindspeed_lora.ops.spec import fused_ops_spec_hook
+
+    return [fused_ops_spec_hook(fused_ops_config(args))]
+
+
 def default_dtype_name(bf16: bool, fp16: bool) -> str | None:
     if bf16 and fp16:
         raise UserError("--bf16 and --fp16 are exclusive")

@@ -100,7 +100,7 @@ class StopTokens:
     """Stop words that the tokenizer splits into several tokens."""
 
 
-def stop_tokens(tokenizer, fmt: ChatFormat, extra: list[str] = (), warn=sys.stderr) -> StopTokens:
+def stop_tokens(tokenizer, fmt: ChatFormat, extra: list[str] = (), warn=None) -> StopTokens:
     """Stop tokens of the tokenizer's eos, the template's stop_words and ``extra``; a template without stop
     words falls back to eos (with a warning), and with no eos either it is refused: a reply could not end."""
     words = list(fmt.stop_words) + list(extra)
@@ -110,9 +110,8 @@ def stop_tokens(tokenizer, fmt: ChatFormat, extra: list[str] = (), warn=sys.stde
             raise UserError(f"template {fmt.name!r} has no stop_words and the tokenizer has no eos token: a reply "
                             "could never end; add \"stop_words\" to the template in --prompt-type-path or pass "
                             "--add-eos-token WORD")
-        if warn is not None:
-            print(f"warning: template {fmt.name!r} has no stop_words; replies end at the tokenizer's eos token "
-                  f"{tokenizer.eos_token!r}" + (f" or {list(extra)}" if extra else ""), file=warn, flush=True)
+        print(f"warning: template {fmt.name!r} has no stop_words; replies end at the tokenizer's eos token "
+              f"{tokenizer.eos_token!r}" + (f" or {list(extra)}" if extra else ""), file=warn or sys.stderr, flush=True)
     ids, seqs = [], []
     if eos is not None:
         ids.append(int(eos))

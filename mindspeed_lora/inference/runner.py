@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> None:
     from mindspeed_lora.inference.model import (
         ModelSource,
         build_inference_engine,
+        checkpoint_kind,
         default_dtype_name,
+        fused_ops_hooks,
         load_tokenizer,
         tokenizer_dir,
     )
@@ -180,15 +182,17 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--history-turns={args.history_turns}: expected >= 0")
     if args.prompt and any(not p.strip() for p in args.prompt):
         raise UserError("--prompt: empty prompt")
+    source = ModelSource(load=args.load, lora_load=args.lora_load,
+                         tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
+                         spec_hooks=fused_ops_hooks(args))
+    checkpoint_kind(args.load)
     requests = None if args.task == ["chat"] else read_requests(args)
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
     tokenizer = load_tokenizer(tok_dir, use_fast=not args.tokenizer_not_use_fast)
     fmt = chat_format(tokenizer, tok_dir, args.prompt_type, args.prompt_type_path, args.enable_thinking,
                       args.hf_chat_template)
     stops = stop_tokens(tokenizer, fmt, args.add_eos_token)
-    source = ModelSource(load=args.load, lora_load=args.lora_load,
-                         tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph)
     info = initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     try:
         engine, _ = build_inference_engine(source, info.tp_rank)
