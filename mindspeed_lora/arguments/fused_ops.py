@@ -1,0 +1,30 @@
+"""Fused-op flags (MindSpeed-LLM names) and the ``FusedOpsConfig`` they make.
+
+Each flag is on/off (``--use-fused-rmsnorm`` / ``--no-use-fused-rmsnorm``); left out, it is on where the
+device has the kernels (npu, cuda) and off on the CPU, where the torch reference runs either way.
+"""
+from __future__ import annotations
+
+import argparse
+
+from mindspeed_lora.ops.spec import FLAG_NAMES, FusedOpsConfig
+
+_HELP = {
+    "use_fused_rmsnorm": "fused RMSNorm (layer norms and q/k norms): npu_rms_norm on NPU, Triton on CUDA",
+    "use_fused_swiglu": "fused SwiGLU in the MLP: npu_swiglu on NPU, Triton on CUDA",
+    "use_fused_rotary_pos_emb": "fused rotary embedding on q and k: npu_rotary_mul on NPU, Triton on CUDA",
+    "use_flash_attn": "flash attention: npu_fusion_attention on NPU, flash/cuDNN SDPA and varlen on CUDA; "
+                      "needed for packed sequences",
+}
+
+
+def add_fused_ops_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fused ops (default: on for npu and cuda, off for cpu)")
+    for name in FLAG_NAMES:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                       default=None, help=_HELP[name])
+
+
+def fused_ops_config(args: argparse.Namespace, device_type: str | None = None) -> FusedOpsConfig:
+    """The flags of ``args``, with those left out resolved for ``device_type`` (default: this process's)."""
+    return FusedOpsConfig.for_device(device_type, **{name: getattr(args, name) for name in FLAG_NAMES})

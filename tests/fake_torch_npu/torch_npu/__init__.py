@@ -1,0 +1,236 @@
+"""A stand-in for ``torch_npu`` in CPU tests: the documented semantics of the torch_npu ops mindspeed_lora calls,
+in plain torch (autograd gives the backward). Tests only: put ``tests/fake_torch_npu`` on ``sys.path`` inside a
+test; never installed, never imported by the package itself.
+
+It checks what the documentation requires of the caller (argument names, layouts, dtypes, contiguity, the
+compressed causal mask of sparse modes 2/3, cumulative ``actual_seq_qlen``) and raises where real torch_npu
+would fail or silently compute something else, so a wrong call fails the test instead of passing here.
+Sources: the torch_npu API reference (Ascend op-plugin docs) for npu_rms_norm, npu_swiglu, npu_rotary_mul and
+npu_fusion_attention. It defines no ``torch.npu``: the package under test is driven with ``force_impl="npu"``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__version__ = "0.0.0+fake"
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_COMPRESSED = 2048
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: dtype {t.dtype} not supported (float16, bfloat16, float32)")
+
+
+def npu_rms_norm(self: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
+    """y = x * rstd * gamma with rstd = 1/sqrt(mean(x^2) + eps) over gamma's dims; returns (y, rstd).
+
+    gamma has x's dtype and x's trailing shape; rstd is fp32 with the normalised dims kept as 1.
+    """
+    _check_float("npu_rms_norm", self)
+    if gamma.dtype != self.dtype:
+        raise TypeError(f"npu_rms_norm: gamma dtype {gamma.dtype} != self dtype {self.dtype}")
+    if tuple(self.shape[self.dim() - gamma.dim():]) != tuple(gamma.shape):
+        raise ValueError(f"npu_rms_norm: gamma {tuple(gamma.shape)} is not the trailing shape of {tuple(self.shape)}")
+    dims = tuple(range(self.dim() - gamma.dim(), self.dim()))
+    xf = self.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)
+    return (xf * rstd * gamma.float()).to(self.dtype), rstd
+
+
+def npu_swiglu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:  # noqa: A002 - torch_npu's name
+    """Split ``dim`` in halves A (first), B (second); return swish(A) * B = A * sigmoid(A) * B.
+
+    No non-contiguous input; ``dim`` must be even-sized.
+    """
+    _check_float("npu_swiglu", input)
+    if not input.is_contiguous():
+        raise RuntimeError("npu_swiglu: non-contiguous input is not supported")
+    if input.shape[dim] % 2:
+        raise RuntimeError(f"npu_swiglu: dim {dim} of size {input.shape[dim]} is not divisible by 2")
+    a, b = torch.chunk(input, 2, dim=dim)
+    return (F.silu(a.float()) * b.float()).to(input.dtype)
+
+
+def _rotary_shapes_ok(x: torch.Tensor, r: torch.Tensor) -> bool:
+    """r1/r2 layouts allowed for 4-D x [d0, d1, d2, D]: BNSD -> 11SD/B1SD/BNSD, BSND -> 1S1D/BS1D/BSND,
+    SBND -> S11D/SB1D/SBND."""
+    d0, d1, d2, d = x.shape
+    allowed = {(1, 1, d2, d), (d0, 1, d2, d), (1, d1, 1, d), (d0, d1, 1, d), (d0, 1, 1, d), (d0, d1, d2, d)}
+    return tuple(r.shape) in allowed
+
+
+def npu_rotary_mul(input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor,  # noqa: A002
+                   rotary_mode: str = "half") -> torch.Tensor:
+    """half: x1, x2 = chunk(x, 2, -1); output = r1 * x + r2 * cat(-x2, x1).
+    interleave: pairs (x[..., ::2], x[..., 1::2]) rotated in place of each other.
+
+    input, r1, r2 are 4-D of one dtype; D even and < 896; r1/r2 broadcast in one of the documented layouts.
+    """
+    for name, t in (("input", input), ("r1", r1), ("r2", r2)):
+        _check_float("npu_rotary_mul", t)
+        if t.dim() != 4:
+            raise RuntimeError(f"npu_rotary_mul: {name} must be 4-D, got {tuple(t.shape)}")
+    if r1.dtype != input.dtype or r2.dtype != input.dtype:
+        raise TypeError("npu_rotary_mul: r1, r2 and input must share a dtype")
+    d = input.shape[-1]
+    if d % 2 or d >= 896:
+        raise RuntimeError(f"npu_rotary_mul: D={d} must be even and < 896")
+    if not (_rotary_shapes_ok(input, r1) and _rotary_shapes_ok(input, r2)):
+        raise RuntimeError(f"npu_rotary_mul: r1 {tuple(r1.shape)} / r2 {tuple(r2.shape)} do not fit input "
+                           f"{tuple(input.shape)} in a BNSD, BSND or SBND layout")
+    x = input.float()
+    if rotary_mode == "half":
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    elif rotary_mode == "interleave":
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"npu_rotary_mul: rotary_mode {rotary_mode!r}; expected 'half' or 'interleave'")
+    return (r1.float() * x + r2.float() * rotated).to(input.dtype)
+
+
+def _to_bnsd(t: torch.Tensor, layout: str, heads: int | None, head_dim: int | None) -> torch.Tensor:
+    if layout == "BNSD":
+        return t
+    if layout == "BSND":
+        return t.transpose(1, 2)
+    if layout in ("BSH", "SBH"):
+        bsh = t if layout == "BSH" else t.transpose(0, 1)
+        n = heads if heads is not None else bsh.shape[-1] // head_dim
+        return bsh.reshape(bsh.shape[0], bsh.shape[1], n, -1).transpose(1, 2)
+    raise ValueError(f"npu_fusion_attention: input_layout {layout!r} not supported")
+
+
+def _from_bnsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "BNSD":
+        return t
+    if layout == "BSND":
+        return t.transpose(1, 2)
+    bsh = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+    return bsh if layout == "BSH" else bsh.transpose(0, 1)
+
+
+def _check_compressed_mask(atten_mask, sparse_mode):
+    if atten_mask is None:
+        return
+    expected = torch.ones(_COMPRESSED, _COMPRESSED, dtype=torch.bool, device=atten_mask.device).triu(1)
+    if tuple(atten_mask.shape) != (_COMPRESSED, _COMPRESSED) or not torch.equal(atten_mask.bool(), expected):
+        raise RuntimeError(f"npu_fusion_attention: sparse_mode={sparse_mode} needs the 2048x2048 compressed "
+                           f"causal mask (True above the diagonal); got {tuple(atten_mask.shape)}")
+
+
+def _mask_for(sparse_mode, atten_mask, sq, sk, pre_tockens, next_tockens, device):
+    """Bool mask (True = masked) for one [sq, sk] block, or None for no mask."""
+    if atten_mask is None:  # documented: without atten_mask, sparse_mode and tokens have no effect
+        return None
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    if sparse_mode == 0:
+        band = (j - i > next_tockens) | (i - j > pre_tockens)
+        return atten_mask.bool() | band
+    if sparse_mode == 1:
+        return atten_mask.bool()
+    if sparse_mode == 2:  # leftUpCausal
+        return j > i
+    if sparse_mode == 3:  # rightDownCausal
+        return j > i + (sk - sq)
+    raise NotImplementedError(f"fake npu_fusion_attention: sparse_mode={sparse_mode}")
+
+
+def _attend(q, k, v, mask, scale, keep_prob):
+    """q [B, N1, Sq, D], k/v [B, N2, Sk, D] -> (out, softmax_max, softmax_sum) with N1 % N2 == 0."""
+    n1, n2 = q.shape[1], k.shape[1]
+    if n1 % n2:
+        raise RuntimeError(f"npu_fusion_attention: N1={n1} is not a multiple of N2={n2}")
+    k = k.repeat_interleave(n1 // n2, dim=1)
+    v = v.repeat_interleave(n1 // n2, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1)
+    row_sum = torch.exp(scores - row_max).sum(dim=-1, keepdim=True)
+    if keep_prob < 1.0:
+        probs = F.dropout(probs, p=1.0 - keep_prob)
+    return torch.matmul(probs, v.float()).to(q.dtype), row_max, row_sum
+
+
+def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
+                         scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647,
+                         inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
+                         gen_mask_parallel=True, sync=False):
+    """softmax(mask(scale * q k^T)) v (with dropout keep_prob) -> (attention_out, softmax_max, softmax_sum,
+    softmax_out, seed, offset, numels).
+
+    Layouts BSH, SBH, BSND, BNSD, TND (varlen: ``actual_seq_qlen`` / ``actual_seq_kvlen`` are the cumulative
+    lengths, e.g. lengths 2 2 2 -> [2, 4, 6]). atten_mask: True = masked, shapes BNSS, B1SS, 11SS or SS.
+    sparse_mode: 0 defaultMask (atten_mask plus the pre/next_tockens band), 1 allMask, 2 leftUpCausal, 3
+    rightDownCausal (per sequence in TND); 2 and 3 take the 2048x2048 compressed mask. ``scale`` defaults to 1.
+    softmax_max / softmax_sum are fp32 [B, N, Sq, 8] ([T, N, 8] for TND).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_float("npu_fusion_attention", t)
+        if t.dtype != query.dtype:
+            raise TypeError(f"npu_fusion_attention: {name} dtype {t.dtype} != query dtype {query.dtype}")
+    if pse is not None or padding_mask is not None or prefix is not None:
+        raise NotImplementedError("fake npu_fusion_attention: pse, padding_mask and prefix are not modelled")
+    if sparse_mode in (2, 3):
+        _check_compressed_mask(atten_mask, sparse_mode)
+    if input_layout == "TND":
+        return _varlen(query, key, value, head_num, atten_mask, scale, keep_prob, actual_seq_qlen, actual_seq_kvlen,
+                       sparse_mode)
+    if actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise RuntimeError("npu_fusion_attention: actual_seq_qlen/kvlen are for the TND layout")
+    if input_layout in ("BSND", "BNSD"):
+        head_dim = query.shape[-1]
+    else:
+        if query.shape[-1] % head_num:
+            raise RuntimeError(f"npu_fusion_attention: H={query.shape[-1]} not divisible by head_num={head_num}")
+        head_dim = query.shape[-1] // head_num
+    q = _to_bnsd(query, input_layout, head_num, head_dim)
+    k = _to_bnsd(key, input_layout, None, head_dim)
+    v = _to_bnsd(value, input_layout, None, head_dim)
+    if q.shape[1] != head_num:
+        raise RuntimeError(f"npu_fusion_attention: head_num={head_num} but query has {q.shape[1]} heads")
+    mask = _mask_for(sparse_mode, atten_mask, q.shape[2], k.shape[2], pre_tockens, next_tockens, q.device)
+    if mask is not None and mask.dim() == 4 and sparse_mode in (0, 1):
+        if mask.shape[0] not in (1, q.shape[0]) or mask.shape[1] not in (1, q.shape[1]):
+            raise RuntimeError(f"npu_fusion_attention: atten_mask {tuple(mask.shape)} is not BNSS, B1SS or 11SS")
+    out, row_max, row_sum = _attend(q, k, v, mask, scale, keep_prob)
+    stats = (row_max.expand(*row_max.shape[:-1], 8).contiguous(), row_sum.expand(*row_sum.shape[:-1], 8).contiguous())
+    return _from_bnsd(out, input_layout), stats[0], stats[1], torch.empty(0), 0, 0, 0
+
+
+def _varlen(query, key, value, head_num, atten_mask, scale, keep_prob, actual_seq_qlen, actual_seq_kvlen,
+            sparse_mode):
+    if actual_seq_qlen is None or actual_seq_kvlen is None:
+        raise RuntimeError("npu_fusion_attention: TND needs actual_seq_qlen and actual_seq_kvlen")
+    if not all(isinstance(x, int) for x in list(actual_seq_qlen) + list(actual_seq_kvlen)):
+        raise TypeError("npu_fusion_attention: actual_seq_qlen/kvlen must be lists of int (host values)")
+    if len(actual_seq_qlen) != len(actual_seq_kvlen):
+        raise RuntimeError("npu_fusion_attention: actual_seq_qlen and actual_seq_kvlen differ in length")
+    if sparse_mode not in (2, 3):
+        raise NotImplementedError(f"fake npu_fusion_attention: TND with sparse_mode={sparse_mode}")
+    if query.dim() != 3 or query.shape[1] != head_num:
+        raise RuntimeError(f"npu_fusion_attention: TND query {tuple(query.shape)} with head_num={head_num}")
+    qs, ks = [0, *actual_seq_qlen], [0, *actual_seq_kvlen]
+    if any(b < a for a, b in zip(qs, qs[1:])) or any(b < a for a, b in zip(ks, ks[1:])):
+        raise RuntimeError("npu_fusion_attention: actual_seq_qlen/kvlen must be cumulative (non-decreasing)")
+    if qs[-1] != query.shape[0] or ks[-1] != key.shape[0]:
+        raise RuntimeError(f"npu_fusion_attention: cumulative lengths end at {qs[-1]}/{ks[-1]}, tensors hold "
+                           f"{query.shape[0]}/{key.shape[0]} tokens")
+    outs, maxes, sums = [], [], []
+    for q0, q1, k0, k1 in zip(qs, qs[1:], ks, ks[1:]):
+        q = query[q0:q1].transpose(0, 1)[None]
+        k = key[k0:k1].transpose(0, 1)[None]
+        v = value[k0:k1].transpose(0, 1)[None]
+        mask = _mask_for(sparse_mode, atten_mask, q1 - q0, k1 - k0, 0, 0, query.device)
+        out, row_max, row_sum = _attend(q, k, v, mask, scale, keep_prob)
+        outs.append(out[0].transpose(0, 1))
+        maxes.append(row_max[0].transpose(0, 1).expand(-1, -1, 8))
+        sums.append(row_sum[0].transpose(0, 1).expand(-1, -1, 8))
+    return torch.cat(outs), torch.cat(maxes).contiguous(), torch.cat(sums).contiguous(), torch.empty(0), 0, 0, 0
