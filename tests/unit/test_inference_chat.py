@@ -153,6 +153,19 @@ def test_bad_prompts_and_input_files(tmp_path):
     assert [m["role"] for m in reqs[1].messages] == ["system", "user", "assistant", "user"]
     with pytest.raises(UserError, match="not both"):
         read_requests(_args(input_file=str(good), prompt=["x"]))
+    with pytest.raises(UserError, match="--prompt: empty prompt"):
+        read_requests(_args(prompt=["ok", " "]))
+
+
+def test_load_dir_that_is_no_checkpoint(tmp_path):
+    from mindspeed_lora.inference.model import checkpoint_kind, tokenizer_dir
+
+    with pytest.raises(UserError, match="neither a Megatron checkpoint .* nor an HF model directory"):
+        checkpoint_kind(str(tmp_path))
+    with pytest.raises(UserError, match="no tokenizer files in .*pass --tokenizer-name-or-path"):
+        tokenizer_dir(str(tmp_path), None)
+    with pytest.raises(UserError, match="--load .*: no such directory"):
+        ModelSource(load=str(tmp_path / "nope"))
 
 
 def test_bad_generation_settings():
