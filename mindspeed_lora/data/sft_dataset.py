@@ -32,22 +32,27 @@ def file_prefix(data_path: str, key: str) -> str:
     return f"{data_path}_packed_{key}_document"
 
 
+def check_data_prefix(data_path: str) -> None:
+    """Refuse a ``--data-path`` whose six files are not all there (cheap: no file is opened)."""
+    missing = [p + ext for key in KEYS for p in [file_prefix(data_path, key)] for ext in (".bin", ".idx")
+               if not os.path.isfile(p + ext)]
+    if missing:
+        hint = ""
+        if os.path.isfile(f"{data_path}_text_document.idx"):
+            hint = " (found pretraining data {prefix}_text_document: --stage sft needs instruction data " \
+                   "from preprocess_data.py with an instruction handler)"
+        raise UserError(f"--data-path {data_path}: {', '.join(missing)} not found; expected the "
+                        f"--output-prefix of preprocess_data.py{hint}")
+
+
 class SFTIndexedDataset:
-    """The three aligned indexed datasets of one ``--data-path`` prefix; ``ds[i]`` is a dict of int32 arrays."""
+    """The three aligned indexed datasets of one ``--data-path`` prefix; ``ds[i]`` is a dict of int64 arrays."""
 
     def __init__(self, data_path: str):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.data_path = data_path
-        missing = [p + ext for key in KEYS for p in [file_prefix(data_path, key)] for ext in (".bin", ".idx")
-                   if not os.path.isfile(p + ext)]
-        if missing:
-            hint = ""
-            if os.path.isfile(f"{data_path}_text_document.idx"):
-                hint = " (found pretraining data {prefix}_text_document: --stage sft needs instruction data " \
-                       "from preprocess_data.py with an instruction handler)"
-            raise UserError(f"--data-path {data_path}: {', '.join(missing)} not found; expected the "
-                            f"--output-prefix of preprocess_data.py{hint}")
+        check_data_prefix(data_path)
         self._parts = {}
         for key in KEYS:
             try:
@@ -92,7 +97,10 @@ class SFTIndexedDataset:
 
 
 def split_counts(n: int, split: str) -> tuple[int, int, int]:
-    """``--split`` weights "a,b,c" -> sample counts of train, valid, test (Megatron's rounding)."""
+    """``--split`` weights "a,b,c" -> sample counts of train, valid, test.
+
+    Megatron's rule: the parts are the ranges between round(cumulative fraction x n), in file order.
+    """
     try:
         weights = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
     except ValueError as e:
@@ -101,13 +109,11 @@ def split_counts(n: int, split: str) -> tuple[int, int, int]:
         raise UserError(f"--split {split!r}: expected up to three non-negative weights with a positive sum")
     weights += [0.0] * (3 - len(weights))
     total = sum(weights)
-    bounds = [0]
+    cumulative = [0.0]
     for w in weights:
-        bounds.append(bounds[-1] + int(round(w / total * n)))
-    diff = bounds[-1] - n
-    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
-    counts = tuple(bounds[i + 1] - bounds[i] for i in range(3))
-    return counts  # type: ignore[return-value]
+        cumulative.append(cumulative[-1] + w / total)
+    bounds = [int(round(c * n)) for c in cumulative]
+    return tuple(bounds[i + 1] - bounds[i] for i in range(3))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from mindspeed_lora.accelerator import get_accelerator
 from mindspeed_lora.data.sft_dataset import (
     CollateOptions,
     SFTIndexedDataset,
+    check_data_prefix,
     collate,
     micro_batch_positions,
     split_orders,
@@ -74,6 +75,7 @@ class SFTTrainer:
 
         cfg = self.cfg
         par = cfg.parallel
+        check_data_prefix(cfg.data.data_path)  # before the slow imports: a typo fails in a second
         self.source = model_setup.inspect_load_dir(cfg.model.load)
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)

@@ -84,3 +84,13 @@ def check_packed_samples_equal_unpacked(tmp):
     cross = collate([pack], CollateOptions(seq_length=32))
     cross_losses, _ = token_losses(cross)
     assert not torch.allclose(cross_losses, packed_losses, rtol=1e-4)
+
+
+def check_bf16_trains_with_fp32_main_params(tmp):
+    """bf16 weights, fp32 optimizer copies (megatron's Float16 optimizer, and the distributed one)."""
+    p = inputs(root_of(tmp))
+    for extra in ([], ["--use-distributed-optimizer"]):
+        trainer, result = train(fx.train_argv(p["qwen3"], p["toy"], iters=12, gbs=8, mbs=4, seq=32, lr=3e-3,
+                                              extra=["--bf16", *extra]))
+        assert next(trainer.model.parameters()).dtype == torch.bfloat16
+        _falls([v for _, v in result.losses], 0.85)

@@ -1,0 +1,149 @@
+"""posttrain_gpt.py flags -> typed config: MindSpeed-LLM scripts parse, bad combinations are refused."""
+import json
+import shlex
+
+import pytest
+import torch
+
+from mindspeed_lora.arguments import parse_args
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.training.config import training_config_from_args
+from mindspeed_lora.training.model import LoadSource, check_layout, inspect_load_dir, resolve_arch
+
+# the flag set of a MindSpeed-LLM Qwen3 full fine-tuning script (examples/mcore/qwen3/tune_*_full.sh)
+MINDSPEED_SCRIPT = """
+    --use-mcore-models --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
+    --spec mindspeed_llm.tasks.models.spec.qwen3_spec layer_spec --kv-channels 128 --qk-layernorm
+    --num-layers 28 --hidden-size 1024 --use-rotary-position-embeddings --num-attention-heads 16
+    --ffn-hidden-size 3072 --max-position-embeddings 32768 --seq-length 8192 --train-iters 2000
+    --micro-batch-size 1 --global-batch-size 16 --make-vocab-size-divisible-by 1 --padded-vocab-size 151936
+    --rotary-base 1000000 --disable-bias-linear --swiglu --tokenizer-type PretrainedFromHF
+    --tokenizer-name-or-path /tok --normalization RMSNorm --position-embedding-type rope --norm-epsilon 1e-6
+    --hidden-dropout 0 --attention-dropout 0 --no-gradient-accumulation-fusion --attention-softmax-in-fp32
+    --exit-on-missing-checkpoint --no-masked-softmax-fusion --group-query-attention --num-query-groups 8
+    --seed 42 --bf16 --min-lr 1.25e-7 --weight-decay 1e-1 --lr-warmup-fraction 0.01 --clip-grad 1.0
+    --adam-beta1 0.9 --adam-beta2 0.95 --no-load-optim --no-load-rng --lr 1.25e-6
+    --data-path /data/alpaca --split 100,0,0 --log-interval 1 --save-interval 2000 --eval-interval 2000
+    --eval-iters 0 --log-throughput --finetune --stage sft --is-instruction-dataset --prompt-type qwen3
+    --no-pad-to-seq-lengths --distributed-backend nccl --load /ckpt --save /save --transformer-impl local
+    --use-distributed-optimizer --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+"""
+
+
+def cfg_of(text: str):
+    return training_config_from_args(parse_args("posttrain_gpt", shlex.split(text)))
+
+
+def test_mindspeed_llm_script_flags_parse_into_the_config():
+    cfg = cfg_of(MINDSPEED_SCRIPT)
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.pipeline_model_parallel_size == 2
+    assert cfg.parallel.sequence_parallel
+    assert cfg.model.params_dtype == torch.bfloat16
+    assert cfg.model.arch_overrides == {"num_layers": 28, "hidden_size": 1024, "ffn_hidden_size": 3072,
+                                        "num_attention_heads": 16, "num_query_groups": 8, "kv_channels": 128,
+                                        "max_position_embeddings": 32768, "vocab_size": 151936,
+                                        "norm_eps": 1e-6, "rope_theta": 1e6}
+    assert (cfg.model.recompute_granularity, cfg.model.recompute_method, cfg.model.recompute_num_layers) == \
+        ("full", "uniform", 1)
+    assert cfg.data.data_path == "/data/alpaca" and cfg.data.seq_length == 8192 and not cfg.data.pad_to_seq_length
+    assert cfg.batch.global_batch_size == 16 and cfg.batch.train_iters == 2000
+    assert cfg.optim.use_distributed_optimizer and cfg.optim.adam_beta2 == 0.95
+    assert cfg.optim.schedule(2000) == (20, 2000)
+    ck = cfg.checkpoint
+    assert ck.finetune and not ck.load_optim and not ck.load_rng and ck.save == "/save" and ck.save_interval == 2000
+    assert cfg.lora is None and cfg.seed == 42
+    json.dumps(cfg.args)  # stored in checkpoints as plain data
+
+
+BASE = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-iters 3 --lr 1e-4"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--stage dpo", "--stage dpo: not supported"),
+    ("--bf16 --fp16", "--bf16 or --fp16"),
+    ("--transformer-impl transformer_engine", "transformer_engine: not supported"),
+    ("--train-epochs 2", "exactly one of --train-iters and --train-epochs"),
+    ("--recompute-method block", "need --recompute-granularity full"),
+    ("--lr-warmup-fraction 0.1 --lr-warmup-iters 3", "--lr-warmup-fraction or --lr-warmup-iters"),
+    ("--min-lr 1", "--min-lr 1.0 is above --lr"),
+    ("--optimizer sgd --use-distributed-optimizer", "does not support --optimizer sgd"),
+    ("--overlap-param-gather", "needs --use-distributed-optimizer"),
+    ("--save-interval 5", "--save-interval needs --save"),
+    ("--lora-load /x", "--lora-load needs --lora-target-modules"),
+    ("--micro-batch-size 0", "--micro-batch-size 0"),
+    ("--tensor-model-parallel-size 0", "--tensor-model-parallel-size 0"),
+])
+def test_bad_combinations_refused(extra, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg_of(f"{BASE} {extra}")
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("--data-path", "--data-path is required"), ("--load", "--load is required"),
+    ("--global-batch-size", "--global-batch-size is required"), ("--seq-length", "--seq-length None"),
+])
+def test_required_flags(missing, message):
+    parts = shlex.split(BASE)
+    i = parts.index(missing)
+    del parts[i:i + 2]
+    with pytest.raises(UserError, match=message):
+        training_config_from_args(parse_args("posttrain_gpt", parts))
+
+
+def test_unknown_flag_and_two_data_paths():
+    with pytest.raises(SystemExit):
+        parse_args("posttrain_gpt", shlex.split(f"{BASE} --no-such-flag"))
+    with pytest.raises(UserError, match="one prefix expected"):
+        cfg_of(BASE.replace("/d", "/d /e"))
+
+
+def test_global_batch_must_split_into_micro_batches():
+    cfg = cfg_of(f"{BASE} --micro-batch-size 2")
+    assert cfg.batch.microbatches(2) == 1
+    with pytest.raises(UserError, match="not a multiple of --micro-batch-size 2 x data-parallel size 4"):
+        cfg.batch.microbatches(4)
+
+
+def _hf_dir(tmp_path, family, **overrides):
+    from mindspeed_lora.tiny import tiny_hf_config
+
+    d = tmp_path / family
+    d.mkdir()
+    tiny_hf_config(family, **overrides).save_pretrained(d)
+    return str(d)
+
+
+def test_architecture_from_hf_config_with_overrides_and_refusals(tmp_path):
+    qwen2 = _hf_dir(tmp_path, "qwen2")
+    src = inspect_load_dir(qwen2)
+    assert src.kind == "hf"
+    arch = resolve_arch(src, cfg_of(f"{BASE} --rotary-base 5000 --norm-epsilon 1e-5").model)
+    assert arch.family == "qwen2" and arch.rope_theta == 5000 and arch.norm_eps == 1e-5
+    with pytest.raises(UserError, match="--untie-embeddings-and-output-weights: .* ties the output layer"):
+        resolve_arch(src, cfg_of(f"{BASE} --untie-embeddings-and-output-weights").model)
+    with pytest.raises(UserError, match="--qk-layernorm: the qwen2 model"):
+        resolve_arch(src, cfg_of(f"{BASE} --qk-layernorm").model)
+    with pytest.raises(UserError, match="neither a Megatron checkpoint"):
+        inspect_load_dir(str(tmp_path))
+    with pytest.raises(UserError, match="no such directory"):
+        inspect_load_dir(str(tmp_path / "missing"))
+
+
+def test_checkpoint_of_another_layout_or_model_refused(tmp_path):
+    from mindspeed_lora.models.builder import ParallelOptions
+
+    src = inspect_load_dir(_hf_dir(tmp_path, "qwen3"))
+    arch = resolve_arch(src, cfg_of(BASE).model)
+    meta = {"arch": arch.to_dict(), "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+            "num_layer_list": [2]}
+    ck = LoadSource("/ck", "megatron", meta)
+    check_layout(ck, arch, ParallelOptions())
+    with pytest.raises(UserError, match="tensor-model-parallel-size 1, pipeline-model-parallel-size 1 .* "
+                                        "this run uses 2, 1"):
+        check_layout(ck, arch, ParallelOptions(tensor_model_parallel_size=2))
+    with pytest.raises(UserError, match="this run uses 1, 2"):
+        check_layout(ck, arch, ParallelOptions(pipeline_model_parallel_size=2))
+    import dataclasses
+
+    with pytest.raises(UserError, match="a different model .*hidden_size 64 vs 128"):
+        check_layout(ck, dataclasses.replace(arch, hidden_size=128), ParallelOptions())
