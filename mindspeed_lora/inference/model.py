@@ -10,9 +10,7 @@ from mindspeed_lora.inference.engine import InferenceEngine
 from mindspeed_lora.inference.kv_cache import kv_cache_spec_hook
 from mindspeed_lora.models.arch import ModelArch, dtype_from_name
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model
-from mindspeed_lora.models.family import read_hf_config
 
-LATEST = "latest_checkpointed_iteration.txt"
 HF_CONFIG_DIR = "hf_config"
 
 
@@ -38,22 +36,23 @@ class ModelSource:
             raise UserError(f"--lora-load {self.lora_load}: no such directory")
 
 
+def inspect_load(path: str):
+    """What --load points at (HF dir or Megatron checkpoint); the same rules as training's --load."""
+    from mindspeed_lora.training.model import inspect_load_dir
+
+    return inspect_load_dir(path)
+
+
 def checkpoint_kind(path: str) -> str:
     """"hf" or "megatron"; a UserError says what neither layout would contain."""
-    if os.path.isfile(os.path.join(path, LATEST)):
-        return "megatron"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    raise UserError(f"--load {path}: neither a Megatron checkpoint ({LATEST}) nor an HF model directory "
-                    "(config.json + *.safetensors)")
+    return inspect_load(path).kind
 
 
 def resolve_arch(path: str) -> ModelArch:
-    if checkpoint_kind(path) == "hf":
-        return ModelArch.from_hf_config(read_hf_config(path), os.path.join(path, "config.json"))
-    from mindspeed_lora.checkpoint import loading
+    from mindspeed_lora.training.config import ModelSetup
+    from mindspeed_lora.training.model import resolve_arch as arch_of
 
-    return loading.resolve_arch(path)
+    return arch_of(inspect_load(path), ModelSetup(load=path))
 
 
 def tokenizer_dir(load: str, explicit: str | None) -> str:
@@ -82,14 +81,16 @@ def load_tokenizer(path: str, use_fast: bool = True):
 def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[InferenceEngine, ModelArch]:
     """This rank's TP shard of the model with weights (and LoRA) loaded, wrapped for generation."""
     from mindspeed_lora.accelerator import get_accelerator
+    from mindspeed_lora.training.model import check_layout, load_base_weights
 
-    kind = checkpoint_kind(source.load)
+    loaded = inspect_load(source.load)
     arch = resolve_arch(source.load)
     dtype = dtype_from_name(source.params_dtype or arch.torch_dtype)
     acc = get_accelerator()
     parallel = ParallelOptions(tensor_model_parallel_size=source.tensor_model_parallel_size)
+    if loaded.kind == "megatron":
+        check_layout(loaded, arch, parallel)
     hooks = list(source.spec_hooks)
-    lora_cfg = None
     if source.lora_load is not None:
         from mindspeed_lora.checkpoint import loading
 
@@ -101,15 +102,7 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=acc.device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True)
     model = model.to(acc.device())
-    if kind == "hf":
-        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
-        from mindspeed_lora.checkpoint.weight_map import load_hf_weights
-
-        load_hf_weights(model, HFCheckpointReader(source.load), arch, parallel, tp_rank, 0)
-    else:
-        from mindspeed_lora.checkpoint import loading
-
-        loading.load_base_weights(model, source.load, arch, parallel, tp_rank, 0)
+    load_base_weights(model, loaded, arch, parallel, tp_rank, 0)
     if source.lora_load is not None:
         from mindspeed_lora.checkpoint import loading
 
