@@ -76,11 +76,12 @@ def tiny_model_dir(root: str, family: str = "qwen3", seed: int = 7) -> str:
     return path
 
 
-def train_argv(load: str, data: str, *, iters: int = 5, gbs: int = 4, mbs: int = 1, seq: int = 32,
+def train_argv(load: str, data: str, *, iters: int | None = 5, gbs: int = 4, mbs: int = 1, seq: int = 32,
                lr: float = 1e-3, extra: list[str] | None = None) -> list[str]:
-    """posttrain_gpt.py flags of a tiny fp32 SFT run."""
+    """posttrain_gpt.py flags of a tiny fp32 SFT run (``iters=None``: give --train-epochs in ``extra``)."""
     return ["--stage", "sft", "--load", load, "--data-path", data, "--seq-length", str(seq),
-            "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--train-iters", str(iters),
+            "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
+            *(["--train-iters", str(iters)] if iters is not None else []),
             "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine", "--weight-decay", "0.0",
             "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "1", "--split", "100,0,0",
             *(extra or [])]

@@ -288,15 +288,21 @@ class SFTTrainer:
 
     def save(self, iteration: int) -> str:
         ck = self.cfg.checkpoint
-        if self.cfg.optim.overlap_param_gather:
-            for chunk in self.chunks:  # finish the in-flight param all-gather before reading the weights
-                chunk.finish_param_sync() if hasattr(chunk, "finish_param_sync") else None
+        overlap = self.cfg.optim.overlap_param_gather
+        if overlap:
+            for chunk in self.chunks:  # completes the in-flight param all-gather: the weights are current
+                chunk.disable_forward_pre_hook(param_sync=True)
         meta = model_setup.metadata_for(self.arch, self.cfg.parallel, self.cfg.model.params_dtype,
                                         self.lora.metadata() if self.lora else None, iteration)
-        return checkpointing.save_checkpoint(
-            ck.save, iteration, model_state=self._model_state(), optimizer=self.optimizer, scheduler=self.scheduler,
-            rank=self.rank, consumed_train_samples=self.consumed, args=self.cfg.args, metadata=meta,
-            save_optim=ck.save_optim, save_rng=ck.save_rng, hf_source=self.source.path)
+        try:
+            return checkpointing.save_checkpoint(
+                ck.save, iteration, model_state=self._model_state(), optimizer=self.optimizer,
+                scheduler=self.scheduler, rank=self.rank, consumed_train_samples=self.consumed, args=self.cfg.args,
+                metadata=meta, save_optim=ck.save_optim, save_rng=ck.save_rng, hf_source=self.source.path)
+        finally:
+            if overlap:
+                for chunk in self.chunks:
+                    chunk.enable_forward_pre_hook()
 
     # ------------------------------------------------------------------------------------------ loop
 

@@ -156,6 +156,15 @@ def check_distributed_optimizer_matches_single_rank(tmp):
     _parity(tmp, ["--use-distributed-optimizer"])
 
 
+def check_full_recompute_pp2_matches_single_rank(tmp):
+    _parity(tmp, ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+                  "--recompute-method", "uniform", "--recompute-num-layers", "1"])
+
+
+def check_selective_recompute_tp2_matches_single_rank(tmp):
+    _parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-activations"])
+
+
 # --------------------------------------------------------------------------------------------- resume
 
 def _resume_bitwise(tmp: str, extra: list[str]) -> None:
@@ -176,6 +185,10 @@ def _resume_bitwise(tmp: str, extra: list[str]) -> None:
 
 def check_resume_is_bitwise_with_distributed_optimizer(tmp):
     _resume_bitwise(tmp, ["--use-distributed-optimizer"])
+
+
+def check_resume_is_bitwise_with_overlapped_grad_reduce_and_param_gather(tmp):
+    _resume_bitwise(tmp, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"])
 
 
 def check_resume_is_bitwise_pp2(tmp):

@@ -94,3 +94,10 @@ def check_bf16_trains_with_fp32_main_params(tmp):
                                               extra=["--bf16", *extra]))
         assert next(trainer.model.parameters()).dtype == torch.bfloat16
         _falls([v for _, v in result.losses], 0.85)
+
+
+def check_train_epochs_set_the_iterations(tmp):
+    p = inputs(root_of(tmp))  # 48 training samples
+    trainer, result = train(fx.train_argv(p["qwen3"], p["toy"], iters=None, gbs=16, mbs=8, seq=32,
+                                          extra=["--train-epochs", "0.7"]))
+    assert trainer.train_iters == 2 and len(result.losses) == 2  # int(0.7 * 48) // 16
