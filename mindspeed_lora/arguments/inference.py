@@ -11,16 +11,25 @@ EVAL_TASKS = ("mmlu", "cmmlu", "ceval")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    # --load, the architecture flags (they override the checkpoint's, as in training), --bf16/--fp16, and the
+    # MindSpeed-LLM flags that name fixed behaviour: shared with posttrain_gpt.py so the same scripts run.
+    from mindspeed_lora.arguments.training import add_compat_args
+    from mindspeed_lora.arguments.training import add_model_args as add_architecture_args
+
     add_tokenizer_args(parser)
     add_prompt_args(parser)
     add_lora_args(parser)
     add_parallel_args(parser)
-    g = parser.add_argument_group("model")
-    g.add_argument("--load", required=True,
-                   help="Megatron checkpoint directory (from convert_ckpt.py or training) or HF model directory")
-    g.add_argument("--bf16", action="store_true", help="run in bfloat16 (default: the checkpoint's dtype)")
-    g.add_argument("--fp16", action="store_true", help="run in float16 (default: the checkpoint's dtype)")
+    add_architecture_args(parser)
+    add_compat_args(parser)
+    g = parser.add_argument_group("inference model")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="longest prompt + generated text (default: the model's max_position_embeddings)")
     g.add_argument("--seed", type=int, default=1234, help="seed of sampling (the same on every rank)")
+    g.add_argument("--micro-batch-size", type=int, default=4,
+                   help="prompts generated (or questions scored, unless --evaluation-batch-size) together")
+    g.add_argument("--no-load-optim", action="store_true", help="always on: only model weights are loaded")
+    g.add_argument("--no-load-rng", action="store_true", help="always on: only model weights are loaded")
     g.add_argument("--hf-chat-template", action="store_true",
                    help="format prompts with the tokenizer's own chat template instead of --prompt-type")
     g.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -60,7 +69,6 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                         "(plus optional \"system\", \"history\"); other keys are copied to the output")
     g.add_argument("--output-file", default=None,
                    help="JSON lines out, one per input line with \"response\" added (default: INPUT.out.jsonl)")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="prompts generated together")
     g.add_argument("--history-turns", type=int, default=3, help="chat: past turns kept in the prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt at a time)")
 
@@ -79,7 +87,8 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-method", default="logits", choices=["logits", "generate"],
                    help="logits: the most likely answer letter; generate: greedy text, first letter A-D")
     g.add_argument("--max-eval-samples", type=int, default=None, help="score the first N questions per subject")
-    g.add_argument("--evaluation-batch-size", type=int, default=4, help="questions scored together")
+    g.add_argument("--evaluation-batch-size", type=int, default=None,
+                   help="questions scored together (default: --micro-batch-size)")
     g.add_argument("--eval-language", default=None, choices=["en", "zh"],
                    help="prompt wording (default: en for mmlu, zh for cmmlu/ceval)")
     g.add_argument("--no-chat-template", action="store_true",

@@ -75,6 +75,8 @@ class Prediction:
     answer: str
     prediction: str
     """"A".."D", or "" when generation produced no letter."""
+    truncated: bool = False
+    """The prompt was longer than the model allows and lost its oldest tokens."""
 
 
 def letter_candidates(tokenizer, answer_prefix: str) -> tuple[list[int], list[int]]:
@@ -113,15 +115,20 @@ class ExamScorer:
         if cfg.method == "logits":
             self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix)
 
-    def prompt_ids(self, q: Question, examples: list[Question]) -> list[int]:
+    def limit(self) -> int:
+        """Most prompt tokens: the model's positions, less the generated tokens when scoring by generation."""
+        return self.engine.max_positions - (self.cfg.max_new_tokens if self.cfg.method == "generate" else 0)
+
+    def prompt_ids(self, q: Question, examples: list[Question]) -> tuple[list[int], bool]:
+        """The prompt's tokens, and whether an over-long few-shot context lost its oldest tokens."""
         ids = self.fmt.encode([{"role": "user", "content": build_prompt(q, examples, self.style)}])
         if self.cfg.method == "logits":
             ids = ids + self.suffix
-        limit = self.engine.max_positions - (self.cfg.max_new_tokens if self.cfg.method == "generate" else 0)
-        return ids[-limit:]  # keep the question; an over-long few-shot context loses its oldest tokens
+        limit = self.limit()
+        return ids[-limit:], len(ids) > limit
 
-    def score(self, batch: list[tuple[Question, list[int]]]) -> list[str]:
-        prompts = [ids for _, ids in batch]
+    def score(self, batch: list[tuple[Question, list[int], bool]]) -> list[str]:
+        prompts = [ids for _, ids, _ in batch]
         if self.cfg.method == "logits":
             from mindspeed_lora.inference.generation import left_pad
 
@@ -149,12 +156,12 @@ def evaluate(scorer: ExamScorer, dp_rank: int = 0, dp_size: int = 1, dp_group=No
         items += [(q, fewshot[subject]) for q in questions]
     mine = items[dp_rank::dp_size]
     # Similar lengths batch together (less padding); results are keyed, so the order does not matter.
-    work = sorted(((q, scorer.prompt_ids(q, ex)) for q, ex in mine), key=lambda t: len(t[1]))
+    work = sorted(((q, *scorer.prompt_ids(q, ex)) for q, ex in mine), key=lambda t: len(t[1]))
     local = []
     bar = tqdm(total=len(work), desc=f"{cfg.task}", disable=not progress)
     for batch in _batches(work, cfg.batch_size):
-        for (q, _), letter in zip(batch, scorer.score(batch)):
-            local.append(Prediction(q.subject, q.index, q.answer, letter))
+        for (q, _, cut), letter in zip(batch, scorer.score(batch)):
+            local.append(Prediction(q.subject, q.index, q.answer, letter, cut))
         bar.update(len(batch))
     bar.close()
     if dp_size > 1:
@@ -179,6 +186,7 @@ def summarize(predictions: list[Prediction], cfg: EvalConfig, split: str) -> dic
         "subjects": dict(sorted(subjects.items())),
         "overall": {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0},
         "macro_accuracy": sum(s["accuracy"] for s in subjects.values()) / len(subjects) if subjects else 0.0,
+        "truncated_prompts": sum(p.truncated for p in predictions),
     }
 
 

@@ -13,7 +13,8 @@ def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
                         "give one data directory per task")
     return [
         EvalConfig(task=task, data_path=path, split=args.eval_split, shots=args.num_shots, method=args.eval_method,
-                   max_eval_samples=args.max_eval_samples, batch_size=args.evaluation_batch_size,
+                   max_eval_samples=args.max_eval_samples,
+                   batch_size=args.evaluation_batch_size or args.micro_batch_size,
                    language=args.eval_language, max_new_tokens=args.max_new_tokens,
                    output_dir=args.eval_output_dir)
         for task, path in zip(args.task, args.task_data_path)
@@ -25,26 +26,18 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
     from mindspeed_lora.inference.model import (
-        ModelSource,
         build_inference_engine,
         checkpoint_kind,
-        default_dtype_name,
-        fused_ops_hooks,
         load_tokenizer,
+        model_source_from_args,
         tokenizer_dir,
     )
     from mindspeed_lora.inference.prompting import RawFormat, chat_format, stop_tokens
     from mindspeed_lora.inference.runner import generation_config
     from mindspeed_lora.parallel import initialize, shutdown
 
-    if args.pipeline_model_parallel_size != 1:
-        raise UserError("evaluation keeps the whole model on each rank: split it with --tensor-model-parallel-size "
-                        f"(--pipeline-model-parallel-size={args.pipeline_model_parallel_size} is not supported)")
     configs = eval_configs(args)
-    source = ModelSource(load=args.load, lora_load=args.lora_load,
-                         tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
-                         spec_hooks=fused_ops_hooks(args))
+    source = model_source_from_args(args)
     checkpoint_kind(args.load)
     for cfg in configs:  # bad data directories fail before the model is built
         resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
@@ -69,6 +62,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 acc_path, _ = write_results(summary, preds, cfg.output_dir)
                 print(f"\n{cfg.task} ({summary['split']} split, {cfg.shots}-shot, {cfg.method})", flush=True)
                 print(format_table(summary), flush=True)
+                if summary["truncated_prompts"]:
+                    print(f"warning: {summary['truncated_prompts']} prompts were longer than the model's "
+                          f"{engine.max_positions} positions and lost their oldest tokens (fewer shots, or a "
+                          "larger --seq-length / max_position_embeddings)", flush=True)
                 print(f"wrote {acc_path}", flush=True)
     finally:
         shutdown()

@@ -28,12 +28,45 @@ class ModelSource:
     use_cuda_graph: bool = True
     spec_hooks: list[Callable] = field(default_factory=list)
     """Extra layer-spec hooks (fused ops); the KV-cache attention is always added last."""
+    arch_overrides: dict = field(default_factory=dict)
+    """ModelArch field -> value from architecture flags (checked against the checkpoint as training does)."""
+    untie_embeddings: bool = False
+    require_qk_layernorm: bool = False
+    require_qkv_bias: bool = False
+    seq_length: int | None = None
+    """Longest prompt + generated text; None: the model's max_position_embeddings."""
 
     def __post_init__(self):
+        if not self.load:
+            raise UserError("--load is required: a Megatron checkpoint or an HF model directory")
         if not os.path.isdir(self.load):
             raise UserError(f"--load {self.load}: no such directory")
         if self.lora_load is not None and not os.path.isdir(self.lora_load):
             raise UserError(f"--lora-load {self.lora_load}: no such directory")
+        if self.tensor_model_parallel_size < 1:
+            raise UserError(f"--tensor-model-parallel-size {self.tensor_model_parallel_size}: expected >= 1")
+        if self.seq_length is not None and self.seq_length < 2:
+            raise UserError(f"--seq-length {self.seq_length}: expected >= 2")
+
+
+def model_source_from_args(args) -> ModelSource:
+    """The model flags shared by inference.py and evaluation.py."""
+    from mindspeed_lora.training.config import ARCH_FLAGS
+
+    if args.pipeline_model_parallel_size != 1:
+        raise UserError("inference keeps the whole model on each rank: split it with --tensor-model-parallel-size "
+                        f"(--pipeline-model-parallel-size={args.pipeline_model_parallel_size} is not supported)")
+    if args.transformer_impl == "transformer_engine":
+        raise UserError("--transformer-impl transformer_engine: not supported; layers come from this project's "
+                        "spec (use --transformer-impl local, the default)")
+    return ModelSource(
+        load=args.load, lora_load=args.lora_load, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
+        spec_hooks=fused_ops_hooks(args),
+        arch_overrides={f: getattr(args, flag) for flag, f in ARCH_FLAGS.items() if getattr(args, flag) is not None},
+        untie_embeddings=args.untie_embeddings_and_output_weights, require_qk_layernorm=args.qk_layernorm,
+        require_qkv_bias=args.add_qkv_bias, seq_length=args.seq_length,
+    )
 
 
 def inspect_load(path: str):
@@ -48,11 +81,15 @@ def checkpoint_kind(path: str) -> str:
     return inspect_load(path).kind
 
 
-def resolve_arch(path: str) -> ModelArch:
+def resolve_arch(source: ModelSource) -> ModelArch:
+    """The checkpoint's architecture, with architecture flags applied and checked as training does."""
     from mindspeed_lora.training.config import ModelSetup
     from mindspeed_lora.training.model import resolve_arch as arch_of
 
-    return arch_of(inspect_load(path), ModelSetup(load=path))
+    setup = ModelSetup(load=source.load, arch_overrides=dict(source.arch_overrides),
+                       untie_embeddings=source.untie_embeddings, require_qk_layernorm=source.require_qk_layernorm,
+                       require_qkv_bias=source.require_qkv_bias)
+    return arch_of(inspect_load(source.load), setup)
 
 
 def tokenizer_dir(load: str, explicit: str | None) -> str:
@@ -84,7 +121,7 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     from mindspeed_lora.training.model import check_layout, load_base_weights
 
     loaded = inspect_load(source.load)
-    arch = resolve_arch(source.load)
+    arch = resolve_arch(source)
     dtype = dtype_from_name(source.params_dtype or arch.torch_dtype)
     acc = get_accelerator()
     parallel = ParallelOptions(tensor_model_parallel_size=source.tensor_model_parallel_size)
@@ -109,7 +146,8 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
         loading.load_lora_weights(model, source.lora_load, arch, parallel, tp_rank, 0)
     for p in model.parameters():
         p.requires_grad_(False)
-    engine = InferenceEngine(model, arch.max_position_embeddings,
+    max_len = min(source.seq_length or arch.max_position_embeddings, arch.max_position_embeddings)
+    engine = InferenceEngine(model, max_len,
                              use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda")
     return engine, arch
 

@@ -165,27 +165,19 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from mindspeed_lora.inference.model import (
-        ModelSource,
         build_inference_engine,
         checkpoint_kind,
-        default_dtype_name,
-        fused_ops_hooks,
         load_tokenizer,
+        model_source_from_args,
         tokenizer_dir,
     )
     from mindspeed_lora.parallel import initialize, shutdown
 
-    if args.pipeline_model_parallel_size != 1:
-        raise UserError("inference keeps the whole model on each rank: split it with --tensor-model-parallel-size "
-                        f"(--pipeline-model-parallel-size={args.pipeline_model_parallel_size} is not supported)")
     if args.history_turns < 0:
         raise UserError(f"--history-turns={args.history_turns}: expected >= 0")
     if args.prompt and any(not p.strip() for p in args.prompt):
         raise UserError("--prompt: empty prompt")
-    source = ModelSource(load=args.load, lora_load=args.lora_load,
-                         tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
-                         spec_hooks=fused_ops_hooks(args))
+    source = model_source_from_args(args)
     checkpoint_kind(args.load)
     requests = None if args.task == ["chat"] else read_requests(args)
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)

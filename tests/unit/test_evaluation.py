@@ -51,11 +51,17 @@ def make_exam(root, subjects=("abstract_algebra", "world_history", "virology"), 
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model_dir(tmp_path_factory):
     initialize(1, 1, seed=5)
     path = str(tmp_path_factory.mktemp("qwen3_eval"))
     hf = build_lively_model("qwen3", path, seed=14, max_position_embeddings=1024)  # 5-shot prompts are long
     tok = tiny.build_tokenizer(path)
+    return path, hf, tok
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    path, hf, tok = model_dir
     engine, _ = build_inference_engine(ModelSource(load=path), tp_rank=0)
     return hf, tok, engine
 
@@ -130,6 +136,19 @@ def test_max_eval_samples_and_split_dir_as_data_path(model, tmp_path):
     assert len(preds) == 2 * len(ref)
     for subject, (_, _, letters) in ref.items():
         assert [p.prediction for p in preds if p.subject == subject] == letters
+
+
+def test_prompts_longer_than_seq_length_are_cut_and_counted(model_dir, tmp_path):
+    path, _, tok = model_dir
+    engine, _ = build_inference_engine(ModelSource(load=path, seq_length=200), tp_rank=0)
+    root = make_exam(str(tmp_path / "exam"), subjects=("virology",), n_test=4)
+    cfg = EvalConfig(task="mmlu", data_path=root)
+    preds = evaluate(ExamScorer(engine, tok, cfg))
+    dev = _read_csv(os.path.join(root, "dev", "virology_dev.csv"), False)
+    lengths = [len(tok(_independent_prompt(dev, row, "virology", False))["input_ids"])
+               for row in _read_csv(os.path.join(root, "test", "virology_test.csv"), False)]
+    assert [p.truncated for p in preds] == [n > 200 for n in lengths]
+    assert summarize(preds, cfg, "test")["truncated_prompts"] == sum(n > 200 for n in lengths) > 0
 
 
 def test_generation_scoring_equals_hf_greedy_and_regex(model, tmp_path):
