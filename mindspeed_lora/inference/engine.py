@@ -13,6 +13,8 @@ launches, and a replayed graph launches them all at once.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from mindspeed_lora.inference.kv_cache import AttentionStep, StaticKVCache, cache_layers
@@ -181,9 +183,15 @@ class CachedDecoder:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens.view(-1, 1))
-        if self.engine.use_cuda_graph and self.engine.device.type == "cuda":
-            if self.graph is None:
+        if self.engine.use_cuda_graph and self.engine.device.type == "cuda" and self.graph is None:
+            try:
                 self._capture()
+            except Exception as e:  # a module that cannot be captured: decode eagerly, same results, slower
+                self.graph = None
+                self.engine.use_cuda_graph = False
+                print(f"warning: CUDA graph capture of the decode step failed ({e!r}); decoding without graphs",
+                      file=sys.stderr, flush=True)
+        if self.graph is not None:
             self.graph.replay()
             logits = self.graph_logits.clone()
         else:
