@@ -26,13 +26,9 @@ def _shared_dir(tmp, name, build):
 
 
 def _lively(path, family="qwen3", seed=3, **overrides):
-    """Same recipe as tests/unit/test_inference.build_lively_model (linear weights x8: varied output)."""
-    hf = tiny.build_hf_model(family, None, seed=seed, **overrides)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                p.mul_(8.0)
-    hf.save_pretrained(path)
+    from tests.unit.test_inference import build_lively_model
+
+    build_lively_model(family, path, seed=seed, **overrides)
     tiny.build_tokenizer(path)
 
 
