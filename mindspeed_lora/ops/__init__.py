@@ -1,26 +1,12 @@
 """Fused ops, one file each: a plain-torch reference (the spec, run on the CPU), a CUDA and an NPU kernel.
 
-``dispatch.select`` picks the accelerator's kernel (``force_impl`` overrides; an unavailable kernel falls back
-to the reference with a logged reason). ``spec.fused_ops_spec_hook`` brings them into megatron's layer spec.
-Importing this package imports neither megatron nor triton.
-"""
-from mindspeed_lora.ops.attention import attention, cu_seqlens_from_segment_ids
-from mindspeed_lora.ops.cross_entropy import fused_linear_cross_entropy
-from mindspeed_lora.ops.dispatch import KernelUnavailable
-from mindspeed_lora.ops.rms_norm import rms_norm
-from mindspeed_lora.ops.rope import apply_rotary_emb, rope_cos_sin
-from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
-from mindspeed_lora.ops.swiglu import swiglu
+- ``rms_norm.rms_norm``, ``swiglu.swiglu``, ``rope.apply_rotary_emb`` / ``rope.rope_cos_sin``,
+  ``attention.attention``, ``cross_entropy.fused_linear_cross_entropy``: the ops;
+- ``dispatch``: which implementation runs (``force_impl`` overrides; an unavailable kernel falls back to the
+  reference with a logged reason);
+- ``spec``: ``FusedOpsConfig`` and ``fused_ops_spec_hook``, which bring the ops into megatron's layer spec
+  through the classes in ``layers``; ``triton_kernels``: the CUDA kernels.
 
-__all__ = [
-    "FusedOpsConfig",
-    "KernelUnavailable",
-    "apply_rotary_emb",
-    "attention",
-    "cu_seqlens_from_segment_ids",
-    "fused_linear_cross_entropy",
-    "fused_ops_spec_hook",
-    "rms_norm",
-    "rope_cos_sin",
-    "swiglu",
-]
+Import from the submodules (the op functions share their modules' names, so they are not re-exported here).
+Importing an op module imports neither megatron nor triton.
+"""

@@ -181,13 +181,17 @@ def _dense_as_packed(q, k, v, spec, packed_fn):
     return out.view(b, s, *out.shape[1:]).transpose(0, 1)
 
 
-def _cuda_unsupported(spec) -> str | None:
+def _cuda_unsupported(spec, query) -> str | None:
     if spec.packed or spec.segment_ids is not None:
         fn, reason = _varlen_api()
         if fn is None:
             return reason
         if spec.dropout_p > 0:
             return "varlen attention has no dropout"
+        if query.dtype not in (torch.float16, torch.bfloat16):
+            return f"varlen (flash) attention needs fp16/bf16, not {query.dtype}"
+        if query.shape[-1] > 256 or query.shape[-1] % 8:
+            return f"varlen (flash) attention needs head_dim <= 256 and a multiple of 8, not {query.shape[-1]}"
     return None
 
 
@@ -292,5 +296,5 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, so
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             raise ValueError(f"attention: attention_mask must be bool (True = masked), got {attention_mask.dtype}")
     impl = select("attention", force_impl, _AVAILABLE, query, key, value,
-                  unsupported={"cuda": _cuda_unsupported(spec)})
+                  unsupported={"cuda": _cuda_unsupported(spec, query)})
     return _IMPLS[impl](query, key, value, spec)

@@ -8,8 +8,10 @@ vocab-parallel output layer); the max, the sum of exponentials and the target lo
 group, so every rank returns the full loss.
 
 - reference: full logits ``(hidden @ weight^T).float()``, gathered over TP, then ``F.cross_entropy``;
-- cuda / npu: the chunked implementation below (plain torch, so its matmuls are the device's GEMMs): tokens in
-  chunks of about ``CHUNK_ELEMENTS / (v/tp)``, each chunk's fp32 logits live only inside the loop.
+- cuda / npu: the chunked implementation below: tokens in chunks of about ``CHUNK_ELEMENTS / (v/tp)``, each
+  chunk's logits living only inside the loop; its matmuls are the device's GEMMs. Per chunk, the softmax
+  statistics and the logit gradient are two Triton passes over the matmul's bf16 output on CUDA (gradient
+  written in place), torch ops on fp32 copies on NPU.
 
 Gradients (``_ChunkedLinearCE``): with p = softmax(logits) and y the one-hot label, dlogits = g * (p - y) for
 the incoming per-token gradient g; dhidden = dlogits @ W, dW = dlogits^T @ hidden, chunk by chunk. When the
@@ -21,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mindspeed_lora.ops.dispatch import select
+from mindspeed_lora.ops.dispatch import cuda_availability, select
 
-CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk: 256 MiB
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 128 MiB in bf16 (the torch path adds fp32 copies)
 
 
 def default_tp_group():
@@ -43,45 +45,79 @@ def _all_reduce(t: torch.Tensor, op, group) -> None:
         torch.distributed.all_reduce(t, op=op, group=group)
 
 
-class _ChunkedLinearCE(torch.autograd.Function):
-    """Per-token CE of x @ W^T over a vocab shard; see the module docstring for the algebra."""
+class _TorchChunkKernels:
+    """The per-chunk softmax statistics and gradient in torch ops (fp32 copies of the chunk's logits)."""
 
     @staticmethod
-    def forward(ctx, x, weight, labels, ignore_index, vocab_start, group, chunk):
-        tokens, vocab = x.shape[0], weight.shape[0]
-        valid = labels != ignore_index
-        local = labels - vocab_start
-        owned = valid & (local >= 0) & (local < vocab)
-        local = torch.where(owned, local, torch.zeros_like(local))
+    def stats(logits, label):
+        lf = logits.float()
+        row_max = lf.max(dim=-1).values
+        sum_exp = torch.exp(lf - row_max[:, None]).sum(dim=-1)
+        target = lf.gather(1, label.clamp_min(0)[:, None]).squeeze(1)
+        return row_max, sum_exp, torch.where(label >= 0, target, torch.zeros_like(target))
+
+    @staticmethod
+    def grad_(logits, lse, label, scale):
+        probs = (logits.float() - lse[:, None]).exp_()
+        probs.scatter_add_(1, label.clamp_min(0)[:, None], -(label >= 0)[:, None].to(probs.dtype))
+        return probs.mul_(scale[:, None]).to(logits.dtype)
+
+
+class _TritonChunkKernels:
+    """The same on CUDA: one Triton pass for the statistics, one writing the gradient over the logits in place,
+    both on the matmul's own output dtype (no fp32 copy of the chunk)."""
+
+    @staticmethod
+    def stats(logits, label):
+        from mindspeed_lora.ops.triton_kernels import ce_chunk_stats
+
+        return ce_chunk_stats(logits, label)
+
+    @staticmethod
+    def grad_(logits, lse, label, scale):
+        from mindspeed_lora.ops.triton_kernels import ce_chunk_grad_
+
+        return ce_chunk_grad_(logits, lse, label, scale)
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Per-token CE of x @ W^T over a vocab shard; see the module docstring for the algebra.
+
+    ``label`` holds each token's label index within this shard, -1 where the label is on another rank or
+    ignored; ``valid`` is False where the label is ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, label, valid, group, chunk, kernels):
+        tokens = x.shape[0]
         loss = torch.empty(tokens, dtype=torch.float32, device=x.device)
         lse = torch.empty(tokens, dtype=torch.float32, device=x.device)
+        scale = valid.float()
         precompute = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         dx_unit = torch.empty_like(x) if precompute else None
         for start in range(0, tokens, chunk):
             rows = slice(start, min(tokens, start + chunk))
-            logits = (x[rows] @ weight.t()).float()
-            row_max = logits.max(dim=-1).values
-            _all_reduce(row_max, torch.distributed.ReduceOp.MAX, group)
-            logits.sub_(row_max[:, None])
-            target = logits.gather(1, local[rows, None]).squeeze(1) * owned[rows]
-            sum_exp = logits.exp_().sum(dim=-1)  # logits now hold exp(logit - max)
-            _all_reduce(sum_exp, torch.distributed.ReduceOp.SUM, group)
-            _all_reduce(target, torch.distributed.ReduceOp.SUM, group)
-            log_sum = sum_exp.log()
-            loss[rows] = log_sum - target
-            lse[rows] = log_sum + row_max
+            logits = x[rows] @ weight.t()
+            row_max, sum_exp, target = kernels.stats(logits, label[rows])
+            if group is not None:
+                global_max = row_max.clone()
+                torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+                sum_exp = sum_exp * torch.exp(row_max - global_max)
+                torch.distributed.all_reduce(sum_exp, group=group)
+                torch.distributed.all_reduce(target, group=group)
+                row_max = global_max
+            lse[rows] = sum_exp.log() + row_max
+            loss[rows] = lse[rows] - target
             if precompute:
-                probs = logits.div_(sum_exp[:, None])
-                _subtract_one_hot(probs, local[rows], owned[rows])
-                probs.mul_(valid[rows, None])
-                dx_unit[rows] = probs.to(x.dtype) @ weight
+                dx_unit[rows] = kernels.grad_(logits, lse[rows], label[rows], scale[rows]) @ weight
         loss.masked_fill_(~valid, 0.0)
         ctx.precompute = precompute
         ctx.chunk = chunk
+        ctx.kernels = kernels
         if precompute:
             ctx.save_for_backward(dx_unit, valid)
         else:
-            ctx.save_for_backward(x, weight, local, owned, valid, lse)
+            ctx.save_for_backward(x, weight, label, valid, lse)
         return loss
 
     @staticmethod
@@ -90,16 +126,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
             dx_unit, valid = ctx.saved_tensors
             g = (grad_loss.float() * valid)[:, None]
             return (dx_unit * g).to(dx_unit.dtype), None, None, None, None, None, None
-        x, weight, local, owned, valid, lse = ctx.saved_tensors
+        x, weight, label, valid, lse = ctx.saved_tensors
         g = grad_loss.float() * valid
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = torch.empty_like(x) if need_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, x.shape[0], ctx.chunk):
             rows = slice(start, min(x.shape[0], start + ctx.chunk))
-            probs = (x[rows] @ weight.t()).float().sub_(lse[rows, None]).exp_()
-            _subtract_one_hot(probs, local[rows], owned[rows])
-            dlogits = probs.mul_(g[rows, None]).to(x.dtype)
+            dlogits = ctx.kernels.grad_(x[rows] @ weight.t(), lse[rows], label[rows], g[rows])
             if need_x:
                 dx[rows] = dlogits @ weight
             if need_w:
@@ -107,13 +141,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return dx, None if dw is None else dw.to(weight.dtype), None, None, None, None, None
 
 
-def _subtract_one_hot(probs: torch.Tensor, local: torch.Tensor, owned: torch.Tensor) -> None:
-    probs.scatter_add_(1, local[:, None], -owned[:, None].to(probs.dtype))
-
-
-def _chunked(x, weight, labels, ignore_index, vocab_start, group, chunk_size):
+def _chunked(x, weight, labels, ignore_index, vocab_start, group, chunk_size, kernels=_TorchChunkKernels):
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _ChunkedLinearCE.apply(x, weight, labels, ignore_index, vocab_start, group, chunk)
+    valid = labels != ignore_index
+    local = labels - vocab_start
+    owned = valid & (local >= 0) & (local < weight.shape[0])
+    label = torch.where(owned, local, torch.full_like(local, -1))
+    return _ChunkedLinearCE.apply(x, weight, label, valid, group, chunk, kernels)
+
+
+def _chunked_triton(*args):
+    return _chunked(*args, kernels=_TritonChunkKernels)
 
 
 def _reference(x, weight, labels, ignore_index, vocab_start, group, chunk_size):
@@ -125,20 +163,17 @@ def _reference(x, weight, labels, ignore_index, vocab_start, group, chunk_size):
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
 
 
-_IMPLS = {"reference": _reference, "cuda": _chunked, "npu": _chunked}
+_IMPLS = {"reference": _reference, "cuda": _chunked_triton, "npu": _chunked}
 
 
-def _same_device(device_type: str):
-    def check(forced: bool, tensors: tuple) -> str | None:
-        if forced:  # plain torch: runs wherever the tensors are
-            return None
-        off = {t.device.type for t in tensors} - {device_type}
-        return f"tensors on {sorted(off)}" if off else None
-
-    return check
+def _npu_check(forced: bool, tensors: tuple) -> str | None:
+    if forced:  # plain torch: runs wherever the tensors are
+        return None
+    off = {t.device.type for t in tensors} - {"npu"}
+    return f"tensors on {sorted(off)}" if off else None
 
 
-_AVAILABLE = {"cuda": _same_device("cuda"), "npu": _same_device("npu")}
+_AVAILABLE = {"cuda": cuda_availability(needs_triton=True), "npu": _npu_check}
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -1,18 +1,15 @@
-"""Triton kernels behind the CUDA paths of rms_norm, swiglu and rope, each with its backward.
+"""Triton kernels behind the CUDA paths of swiglu, rope (each with its backward) and the per-chunk softmax of
+the fused linear cross-entropy.
 
-Imported only when a CUDA path runs (importing this module needs ``triton``). All three are memory-bound row
-kernels: one read of each input and one write of each output per pass, math in fp32, one rounding to the
-output dtype. The reference ops in ``rms_norm.py``, ``swiglu.py`` and ``rope.py`` are their specification.
+Imported only when a CUDA path runs (importing this module needs ``triton``). All are memory-bound row kernels:
+one read of each input and one write of each output per pass, math in fp32, one rounding to the output dtype.
+The reference ops in ``swiglu.py``, ``rope.py`` and ``cross_entropy.py`` are their specification.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
-
-MAX_ROW = 65536  # widest row one program holds in registers
 
 
 def _num_warps(block: int) -> int:
@@ -25,16 +22,6 @@ def _num_warps(block: int) -> int:
     return 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs(device: torch.device, rows: int) -> int:
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    return max(1, min(rows, 4 * sms))
-
-
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as [rows, width] with unit stride along the row, copying only when no such view exists."""
     try:
@@ -42,85 +29,6 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     except RuntimeError:
         x2 = x.reshape(-1, width)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-# --------------------------------------------------------------------------------------------- RMSNorm
-
-
-@triton.jit
-def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    # the reference rounds the normalised row to the input dtype before scaling by the weight (HF's order)
-    normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
-                  BLOCK: tl.constexpr, COMPUTE_DW: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: rows * stride may pass 2**31
-    end = min(start + rows_per_program, n_rows)
-    for r in range(start, end):
-        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + r)
-        normed = x * rstd
-        if COMPUTE_DW:
-            dw += dy * normed.to(X.dtype.element_ty).to(tl.float32)
-        g = dy * w
-        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
-        dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / n_cols))
-        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    if COMPUTE_DW:
-        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """y = round(x * rsqrt(mean(x^2) + eps)) * w over the last dim.
-
-    Backward: dx = rstd * (dy*w - n * mean(dy*w*n)) with n = x*rstd; dw = sum over rows of dy * n.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        width = x.shape[-1]
-        x2 = _rows(x, width)
-        rows = x2.shape[0]
-        y = torch.empty((rows, width), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(width)
-        _rms_norm_fwd[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), width, eps,
-                               BLOCK=block, num_warps=_num_warps(block))
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = x.shape
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        rows, width = x2.shape
-        dy2 = _rows(dy, width)
-        dx = torch.empty((rows, width), dtype=x2.dtype, device=x2.device)
-        programs = _programs(x2.device, rows)
-        compute_dw = bool(ctx.needs_input_grad[1])
-        dw_part = torch.empty((programs if compute_dw else 1, width), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(width)
-        _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                   rows, width, triton.cdiv(rows, programs), BLOCK=block, COMPUTE_DW=compute_dw,
-                                   num_warps=_num_warps(block))
-        dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None
-        return dx.view(ctx.shape), dw, None
 
 
 # ---------------------------------------------------------------------------------------------- SwiGLU
@@ -263,3 +171,62 @@ class RopeFunction(torch.autograd.Function):
         cos2, sin2 = ctx.saved_tensors
         dx = _rope_launch(_rope_rows(dy), cos2, sin2, ctx.group, backward=True)
         return dx.view(dy.shape), None, None
+
+
+# ------------------------------------------------------------------------------- cross-entropy chunk
+
+
+@triton.jit
+def _ce_stats(LOGITS, LABEL, MAX, SUM_EXP, TARGET, stride, n_cols, BLOCK: tl.constexpr):
+    """One pass over a row of logits: running max, sum of exp(logit - max), and the label's logit (0 when the
+    label is not in this vocab shard, LABEL < 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        m = new_m
+    label = tl.load(LABEL + row)
+    target = tl.load(base + tl.maximum(label, 0)).to(tl.float32)
+    tl.store(MAX + row, m)
+    tl.store(SUM_EXP + row, s)
+    tl.store(TARGET + row, tl.where(label >= 0, target, 0.0))
+
+
+@triton.jit
+def _ce_grad(LOGITS, LSE, LABEL, SCALE, stride, n_cols, BLOCK: tl.constexpr):
+    """In place: logits -> scale * (softmax(logits) - onehot(label)), softmax from the row's log-sum-exp."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    ptrs = LOGITS + row * stride + cols
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.exp(x - tl.load(LSE + row))
+    p = tl.where(cols == tl.load(LABEL + row), p - 1.0, p)
+    tl.store(ptrs, (p * tl.load(SCALE + row)).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+_CE_BLOCK = 4096
+
+
+def ce_chunk_stats(logits: torch.Tensor, label: torch.Tensor):
+    """logits [c, v] (any float dtype, unit column stride), label [c] int64 (-1: not in this shard) ->
+    (row max, sum of exp(logit - max), label logit), fp32 [c] each."""
+    rows, cols = logits.shape
+    out = [torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    _ce_stats[(rows,)](logits, label, *out, logits.stride(0), cols, BLOCK=min(_CE_BLOCK, triton.next_power_of_2(cols)),
+                       num_warps=8)
+    return tuple(out)
+
+
+def ce_chunk_grad_(logits: torch.Tensor, lse: torch.Tensor, label: torch.Tensor, scale: torch.Tensor):
+    """In place on logits [c, v]: scale * (softmax - onehot(label)); returns logits."""
+    rows, cols = logits.shape
+    block = min(_CE_BLOCK, triton.next_power_of_2(cols))
+    _ce_grad[(rows, triton.cdiv(cols, block))](logits, lse, label, scale, logits.stride(0), cols, BLOCK=block,
+                                               num_warps=8)
+    return logits

@@ -15,7 +15,8 @@ from mindspeed_lora.checkpoint.weight_map import load_hf_weights
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model
 from mindspeed_lora.models.family import read_hf_config
-from mindspeed_lora.ops import FusedOpsConfig, fused_linear_cross_entropy, fused_ops_spec_hook
+from mindspeed_lora.ops.cross_entropy import fused_linear_cross_entropy
+from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
 from mindspeed_lora.parallel import initialize
 from tests.fake_torch_npu import fake_torch_npu
 
@@ -55,12 +56,12 @@ def _vocab_parallel_ce(sequence_parallel, weight_grad, impl):
 
 def check_vocab_parallel_ce(tmp):
     for weight_grad in (True, False):
-        _vocab_parallel_ce(sequence_parallel=False, weight_grad=weight_grad, impl="cuda")
+        _vocab_parallel_ce(sequence_parallel=False, weight_grad=weight_grad, impl="npu")
 
 
 def check_vocab_parallel_ce_sequence_parallel(tmp):
     for weight_grad in (True, False):
-        _vocab_parallel_ce(sequence_parallel=True, weight_grad=weight_grad, impl="cuda")
+        _vocab_parallel_ce(sequence_parallel=True, weight_grad=weight_grad, impl="npu")
 
 
 def check_vocab_parallel_ce_reference(tmp):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mindspeed_lora.ops import attention, cu_seqlens_from_segment_ids
+from mindspeed_lora.ops.attention import attention, cu_seqlens_from_segment_ids
 from tests.fake_torch_npu import assert_matches_reference, npu_fixture  # noqa: F401 - fixture npu
 
 DTYPES = [torch.float32, torch.bfloat16]

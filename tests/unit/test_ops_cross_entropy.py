@@ -2,7 +2,8 @@
 ignore_index -100, gradients of hidden and weight (trainable and frozen weight), any chunk size, and a check
 that no fp32 tensor as large as the full logits is ever allocated.
 
-The chunked implementation is plain torch; ``force_impl="cuda"`` runs it on CPU tensors. Tolerances: fp32 1e-5;
+``force_impl="npu"`` runs the chunked implementation in torch ops on CPU tensors (its CUDA variant differs only in
+two Triton passes per chunk; tests/gpu covers it). Tolerances: fp32 1e-5;
 bf16 (inputs bf16, loss fp32) 2e-2 relative.
 """
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mindspeed_lora.ops import fused_linear_cross_entropy
+from mindspeed_lora.ops.cross_entropy import fused_linear_cross_entropy
 
 S, B, H, V = 9, 3, 32, 200
 
@@ -44,7 +45,7 @@ def loss_and_grads(fn, hidden, weight, labels):
 def test_chunked_matches_full_logits_cross_entropy(weight_grad, chunk_size):
     hidden, weight, labels = inputs(weight_grad=weight_grad)
     loss, dh, dw = loss_and_grads(
-        lambda h, w, y: fused_linear_cross_entropy(h, w, y, tp_group=None, chunk_size=chunk_size, force_impl="cuda"),
+        lambda h, w, y: fused_linear_cross_entropy(h, w, y, tp_group=None, chunk_size=chunk_size, force_impl="npu"),
         hidden, weight, labels)
     ref_loss, ref_dh, ref_dw = loss_and_grads(oracle, hidden, weight, labels)
     assert loss.shape == (B, S) and loss.dtype == torch.float32
@@ -69,7 +70,7 @@ def test_reference_impl_matches_oracle():
 def test_bf16_matches_oracle_within_bf16_tolerance():
     hidden, weight, labels = inputs(dtype=torch.bfloat16)
     got = loss_and_grads(lambda h, w, y: fused_linear_cross_entropy(h, w, y, tp_group=None, chunk_size=5,
-                                                                     force_impl="cuda"), hidden, weight, labels)
+                                                                     force_impl="npu"), hidden, weight, labels)
     for a, b in zip(got, loss_and_grads(oracle, hidden, weight, labels)):
         scale = b.float().abs().max()
         assert (a.float() - b.float()).abs().max() <= 2e-2 * scale
@@ -96,7 +97,7 @@ def test_full_fp32_logits_never_exist(weight_grad):
     hidden, weight, labels = inputs(dtype=torch.bfloat16, weight_grad=weight_grad, hidden_size=h)
     chunk = 4
     with _LargestFloatAllocation() as probe:
-        loss = fused_linear_cross_entropy(hidden, weight, labels, tp_group=None, chunk_size=chunk, force_impl="cuda")
+        loss = fused_linear_cross_entropy(hidden, weight, labels, tp_group=None, chunk_size=chunk, force_impl="npu")
         loss.sum().backward()
     assert probe.largest <= max(chunk * V, V * h)  # one chunk's logits, or the fp32 weight-grad accumulator
     assert probe.largest < S * B * V

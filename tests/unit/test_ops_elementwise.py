@@ -10,8 +10,10 @@ import logging
 import pytest
 import torch
 
-from mindspeed_lora.ops import KernelUnavailable, apply_rotary_emb, rms_norm, rope_cos_sin, swiglu
-from mindspeed_lora.ops.rope import rope_reference
+from mindspeed_lora.ops.dispatch import KernelUnavailable
+from mindspeed_lora.ops.rms_norm import rms_norm
+from mindspeed_lora.ops.rope import apply_rotary_emb, rope_cos_sin, rope_reference
+from mindspeed_lora.ops.swiglu import swiglu
 from tests.fake_torch_npu import assert_matches_reference, npu_fixture  # noqa: F401 - fixture npu
 
 DTYPES = [torch.float32, torch.bfloat16]

@@ -16,8 +16,9 @@ from mindspeed_lora.checkpoint.weight_map import load_hf_weights
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model, build_transformer_config
 from mindspeed_lora.models.family import read_hf_config
-from mindspeed_lora.ops import FusedOpsConfig, fused_ops_spec_hook, layers
+from mindspeed_lora.ops import layers
 from mindspeed_lora.ops.attention import segment_mask
+from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
 from mindspeed_lora.parallel import initialize
 from tests.fake_torch_npu import npu_fixture  # noqa: F401 - fixture npu
 from tests.unit.test_inference import build_lively_model
