@@ -132,6 +132,8 @@ class Runner:
         batch = 1 if stream else max(1, self.args.micro_batch_size)
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
+            if stream and self.rank0:
+                print(f"\n[{task}] You:\n{requests[idx[0]].messages[-1]['content']}\n\nAssistant:", flush=True)
             outs = self.run_batch([self.encode(requests[i].messages) for i in idx], cfg, stream)
             for i, out in zip(idx, outs):
                 results[i] = {**requests[i].record, "response": self.decode(out),
