@@ -130,15 +130,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
         g = grad_loss.float() * valid
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = torch.empty_like(x) if need_x else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # dW accumulates in the weight's dtype inside the GEMM (addmm_): an fp32 copy of each chunk's [v, h]
+        # product cost more than the GEMM itself on an H100 (bench/README.md)
+        dw = torch.zeros_like(weight) if need_w else None
         for start in range(0, x.shape[0], ctx.chunk):
             rows = slice(start, min(x.shape[0], start + ctx.chunk))
             dlogits = ctx.kernels.grad_(x[rows] @ weight.t(), lse[rows], label[rows], g[rows])
             if need_x:
                 dx[rows] = dlogits @ weight
             if need_w:
-                dw += (dlogits.t() @ x[rows]).float()
-        return dx, None if dw is None else dw.to(weight.dtype), None, None, None, None, None
+                dw.addmm_(dlogits.t(), x[rows])
+        return dx, dw, None, None, None, None, None
 
 
 def _chunked(x, weight, labels, ignore_index, vocab_start, group, chunk_size, kernels=_TorchChunkKernels):

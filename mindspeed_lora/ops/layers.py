@@ -46,7 +46,10 @@ class FusedRMSNorm(torch.nn.Module):
                  zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        # created as mindspeed_lora.models.norm.RMSNorm, the class it replaces: params_dtype, on the CPU for
+        # CPU initialisation
+        device = torch.device("cpu") if config.use_cpu_initialization else None
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +146,10 @@ class FusedSwiGLUMLP(MLP):
     """megatron's MLP with the SwiGLU of ``linear_fc1``'s output ([gate | up]) done by the fused op.
 
     Only ``forward`` differs; cases the fused op does not cover (per-token expert scales) take MLP's own path.
+    A subclass rather than MLP's activation-function seam, which needs ``config.use_te_activation_func`` set:
+    a config flag that would silently turn every other MLP built from that config into silu-without-gating.
+    Its one cost: TransformerLayer recognises only MLP itself and logs "Unknown MLP type ... Using default
+    kwargs" per layer; the default it means is megatron's TP group, the one our models use.
     """
 
     force_impl: str | None = None

@@ -18,6 +18,7 @@ from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_g
 from mindspeed_lora.models.family import read_hf_config
 from mindspeed_lora.ops import layers
 from mindspeed_lora.ops.attention import segment_mask
+from mindspeed_lora.ops.cross_entropy import fused_linear_cross_entropy
 from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
 from mindspeed_lora.parallel import initialize
 from tests.fake_torch_npu import npu_fixture  # noqa: F401 - fixture npu
@@ -138,6 +139,27 @@ def test_segment_ids_equal_the_same_mask_given_as_bool(world, hf_dir, npu):
     assert (by_segments - by_mask).abs().max() < 1e-4
     assert (by_segments[0, :10] - causal[0, :10]).abs().max() < 1e-4  # the first segment sees the same keys
     assert (by_segments[0, 10:] - causal[0, 10:]).abs().max() > 1e-2  # the second does not see the first
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_cross_entropy_on_the_final_hidden_states_equals_megatrons_loss(world, hf_dir, impl):
+    """The wiring a training loop uses: the decoder's output (final norm applied; GPTModel returns it when
+    post_process is off) and the output weight, against GPTModel's own per-token loss for the same labels."""
+    model = build(hf_dir, FusedOpsConfig(**ALL_ON, force_impl="reference"))
+    tokens, labels = ids(2, SEQ, seed=6), ids(2, SEQ, seed=7)
+    pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        expected = model(tokens, pos, None, labels=labels)
+        model.post_process = False
+        try:
+            hidden = model(tokens, pos, None)
+        finally:
+            model.post_process = True
+        weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                  else model.output_layer.weight)
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=7, force_impl=impl)
+    assert hidden.shape == (SEQ, 2, 64) and loss.shape == expected.shape == (2, SEQ)
+    torch.testing.assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_hook_keeps_megatron_classes_a_config_cannot_use(world, hf_dir, caplog):
