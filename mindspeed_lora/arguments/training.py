@@ -164,7 +164,8 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=0, help="global batches per validation")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--loss-curve", default=None,
-                   help="loss-curve PNG written at the end (default: <save>/loss_curve.png, else ./loss_curve.png)")
+                   help="loss-curve PNG written at the end (default: loss_curve.png in --save, else in "
+                        "--tensorboard-dir, else in the current directory)")
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:

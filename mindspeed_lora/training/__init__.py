@@ -1,9 +1,15 @@
 """Training: typed config from flags, model setup, the SFT loop, checkpoints and metrics."""
 from __future__ import annotations
 
+import warnings
+
 
 def run_from_args(args):
     """parse -> build -> run: what posttrain_gpt.py does."""
+    # megatron-core warns that apex / Transformer Engine are absent (our spec never uses them) and about a
+    # CUDA-graph default we do not use
+    for message in (r".*(Apex|Transformer Engine).* (is|are) not installed", r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     from mindspeed_lora.parallel import shutdown
     from mindspeed_lora.training.config import training_config_from_args
     from mindspeed_lora.training.sft import run

@@ -49,6 +49,8 @@ class TrainResult:
     grad_norms: list[tuple[int, float | None]] = field(default_factory=list)
     learning_rates: list[tuple[int, float]] = field(default_factory=list)
     valid_losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    """Iterations whose update was skipped (fp16 loss-scale overflow)."""
     checkpoints: list[str] = field(default_factory=list)
     loss_curve: str | None = None
 
@@ -335,6 +337,8 @@ class SFTTrainer:
             result.losses.append((self.iteration, loss))
             result.grad_norms.append((self.iteration, grad_norm))
             result.learning_rates.append((self.iteration, lr))
+            if skipped:
+                result.skipped.append(self.iteration)
             if self.iteration % log.log_interval == 0 or self.iteration == self.train_iters:
                 mem = acc.memory_stats()
                 scale = float(self.optimizer.get_loss_scale()) if cfg.model.params_dtype == torch.float16 else None
@@ -377,7 +381,8 @@ class SFTTrainer:
     def _loss_curve(self, result: TrainResult) -> str | None:
         if dist.get_rank() != 0 or not result.losses:
             return None
-        path = self.cfg.logging.loss_curve or os.path.join(self.cfg.checkpoint.save or ".", "loss_curve.png")
+        default_dir = self.cfg.checkpoint.save or self.cfg.logging.tensorboard_dir or "."
+        path = self.cfg.logging.loss_curve or os.path.join(default_dir, "loss_curve.png")
         metrics.write_loss_curve(path, result.losses, result.valid_losses)
         print(f"loss curve written to {os.path.abspath(path)}", flush=True)
         return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,8 @@ def train(argv: list[str]):
     from mindspeed_lora.training.config import training_config_from_args
     from mindspeed_lora.training.sft import SFTTrainer
 
+    if "--save" not in argv and "--loss-curve" not in argv:  # keep the PNG out of the working directory
+        argv = [*argv, "--loss-curve", os.path.join(tempfile.mkdtemp(prefix="curve"), "loss_curve.png")]
     trainer = SFTTrainer(training_config_from_args(parse_args("posttrain_gpt", argv)))
     trainer.setup()
     try:

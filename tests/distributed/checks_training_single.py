@@ -101,3 +101,15 @@ def check_train_epochs_set_the_iterations(tmp):
     trainer, result = train(fx.train_argv(p["qwen3"], p["toy"], iters=None, gbs=16, mbs=8, seq=32,
                                           extra=["--train-epochs", "0.7"]))
     assert trainer.train_iters == 2 and len(result.losses) == 2  # int(0.7 * 48) // 16
+
+
+def check_fp16_overflow_skips_the_update_and_lowers_the_loss_scale(tmp):
+    p = inputs(root_of(tmp))
+    argv = fx.train_argv(p["qwen3"], p["toy"], iters=3, gbs=8, mbs=4, seq=32, lr=3e-3, extra=["--fp16"])
+    trainer, result = train(argv)  # the default initial scale 2^32 overflows fp16 grads
+    assert result.skipped == [1, 2, 3] and all(g is None for _, g in result.grad_norms)
+    # megatron's dynamic scaler: hysteresis 2, then halves at every overflow
+    assert float(trainer.optimizer.get_loss_scale()) == 2.0 ** 30
+    assert trainer.scheduler.num_steps == 0  # skipped steps do not advance the schedule
+    trainer, result = train(argv + ["--initial-loss-scale", "4096"])
+    assert result.skipped == [] and trainer.scheduler.num_steps == 3
