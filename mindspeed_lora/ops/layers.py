@@ -108,6 +108,10 @@ class FusedDotProductAttention(MegatronModule):
                 raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}; expected 'thd'")
             if attention_mask is not None:
                 raise ValueError("give packed_seq_params or attention_mask, not both")
+            for padded, actual in ((packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q),
+                                   (packed_seq_params.cu_seqlens_kv_padded, packed_seq_params.cu_seqlens_kv)):
+                if padded is not None and padded is not actual and not torch.equal(padded, actual):
+                    raise ValueError("padded THD sequences (cu_seqlens_*_padded != cu_seqlens_*) are not supported")
             kwargs.update(cu_seqlens_q=packed_seq_params.cu_seqlens_q, cu_seqlens_kv=packed_seq_params.cu_seqlens_kv,
                           max_seqlen_q=packed_seq_params.max_seqlen_q, max_seqlen_kv=packed_seq_params.max_seqlen_kv)
         elif attention_mask is None:
