@@ -1,0 +1,19 @@
+"""Raw Alpaca / ShareGPT / OpenAI-messages / pairwise / pretraining data -> Megatron indexed datasets
+(MindSpeed-LLM's preprocess_data.py flags and output names).
+
+    python preprocess_data.py --input data.jsonl --tokenizer-name-or-path HF_DIR --output-prefix out/alpaca \
+        --handler-name AlpacaStyleInstructionHandler --prompt-type qwen3 --seq-length 4096 --workers 8
+"""
+from mindspeed_lora.arguments import parse_args
+from mindspeed_lora.errors import main_guard
+
+
+@main_guard
+def main(argv=None):
+    from mindspeed_lora.data.preprocess import PreprocessConfig, run_preprocess
+
+    run_preprocess(PreprocessConfig.from_args(parse_args("preprocess_data", argv)))
+
+
+if __name__ == "__main__":
+    main()
