@@ -106,13 +106,9 @@ def tokenizer_dir(load: str, explicit: str | None) -> str:
 
 
 def load_tokenizer(path: str, use_fast: bool = True):
-    from transformers import AutoTokenizer
+    from mindspeed_lora.data.encoder import load_hf_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({e})") from e
-    return tok
+    return load_hf_tokenizer(path, use_fast)
 
 
 def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[InferenceEngine, ModelArch]:
