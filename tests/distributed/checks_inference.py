@@ -102,3 +102,28 @@ def check_evaluation_split_over_dp_and_tp(tmp):
     tp2 = evaluate(ExamScorer(engine, tok, cfg), info.dp_rank, info.dp_size, ps.get_data_parallel_group())
     assert tp2 == whole
     assert len({p.prediction for p in whole}) > 1
+
+
+def check_input_file_requests_split_over_dp(tmp):
+    """inference.py's request loop at DP=2: each rank generates every other prompt, rank 0 gets all in order."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.inference.model import load_tokenizer
+    from mindspeed_lora.inference.prompting import chat_format, stop_tokens
+    from mindspeed_lora.inference.runner import Request, Runner
+
+    path = _shared_dir(tmp, "dp_model", _lively)
+    args = parse_args("inference", ["--load", path, "--max-new-tokens", "20", "--micro-batch-size", "2"])
+    info = initialize(1, 1, seed=9)
+    assert info.dp_size == 2
+    engine, _ = build_inference_engine(ModelSource(load=path), info.tp_rank)
+    tok = load_tokenizer(path)
+    fmt = chat_format(tok, path, None, None)
+    runner = Runner(args, engine, tok, fmt, stop_tokens(tok, fmt), info)
+    texts = ["The quick brown fox", "Hello! I am", "1 + 1 =", "中国的首都是", "Translate the sentence"]
+    requests = [Request([{"role": "user", "content": t}], {"prompt": t, "n": i}) for i, t in enumerate(texts)]
+    rows = runner.run_requests("greedy", requests)
+    assert [r["n"] for r in rows] == list(range(len(texts)))
+    cfg = GenerationConfig(max_new_tokens=20, stop_token_ids=(tok.eos_token_id,))
+    for text, row in zip(texts, rows):  # the oracle: this rank alone, one prompt at a time
+        out = generate(engine, [fmt.encode([{"role": "user", "content": text}])], cfg)[0]
+        assert row["response"] == tok.decode(out.content_tokens, skip_special_tokens=True)
