@@ -6,10 +6,12 @@ Tolerances: fp32 1e-5 absolute; bf16 2e-2 relative to the largest magnitude of t
 to bf16 at different points, one bf16 ulp is 2^-8 relative).
 """
 import logging
+import sys
 
 import pytest
 import torch
 
+from mindspeed_lora.ops import dispatch
 from mindspeed_lora.ops.dispatch import KernelUnavailable
 from mindspeed_lora.ops.rms_norm import rms_norm
 from mindspeed_lora.ops.rope import apply_rotary_emb, rope_cos_sin, rope_reference
@@ -159,11 +161,12 @@ def test_rope_rejects_tables_that_do_not_fit():
 # --------------------------------------------------------------------------------------------- dispatcher
 
 
-def test_forced_kernel_that_cannot_run_is_an_error():
+def test_forced_kernel_that_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # not importable, whatever an earlier test left behind
     x = randn(4, 8, grad=False)
     with pytest.raises(KernelUnavailable, match="cuda"):
         rms_norm(x, torch.ones(8), force_impl="cuda")
-    with pytest.raises(KernelUnavailable, match="torch_npu"):  # no fake on the path here
+    with pytest.raises(KernelUnavailable, match="torch_npu"):
         rms_norm(x, torch.ones(8), force_impl="npu")
     with pytest.raises(ValueError, match="force_impl"):
         rms_norm(x, torch.ones(8), force_impl="triton")
@@ -172,6 +175,7 @@ def test_forced_kernel_that_cannot_run_is_an_error():
 @pytest.mark.parametrize("device", ["npu", "cuda"])
 def test_unavailable_kernel_falls_back_to_reference_with_a_logged_reason(monkeypatch, caplog, device):
     monkeypatch.setenv("MINDSPEED_LORA_DEVICE", device)
+    monkeypatch.setattr(dispatch, "_LOGGED", set())  # each reason is logged once per process
     x = randn(4, 2 * 8, grad=False)
     with caplog.at_level(logging.WARNING, logger="mindspeed_lora.ops"):
         y = swiglu(x)
