@@ -36,47 +36,51 @@ def test_cpu_accelerator_rng_and_memory():
     assert set(acc.memory_stats()) == {"allocated", "max_allocated", "reserved"}
 
 
-class _FakeNpuModule:
-    """torch.npu as torch_npu registers it (the calls the accelerator uses), one device."""
-
-    @staticmethod
-    def is_available():
-        return True
-
-    @staticmethod
-    def device_count():
-        return 1
-
-    @staticmethod
-    def current_device():
-        return 0
+_NPU_SCRIPT = r"""
+import sys
+import torch
+from tests.fake_torch_npu import fake_torch_npu
 
 
-def test_npu_is_chosen_when_torch_npu_imports_and_has_a_device(monkeypatch):
-    import os
-    import sys
+class FakeNpu:  # torch.npu as torch_npu registers it: the calls the accelerator makes
+    count = 1
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: FakeNpu.count)
+    current_device = staticmethod(lambda: 0)
 
-    monkeypatch.delenv("MINDSPEED_LORA_DEVICE", raising=False)
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "fake_torch_npu"))
-    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
-    monkeypatch.setattr(torch, "npu", _FakeNpuModule, raising=False)
-    if torch._C._get_privateuse1_backend_name() != "npu":
-        torch.utils.rename_privateuse1_backend("npu")  # what importing torch_npu does: "npu" devices exist
+
+torch.npu = FakeNpu
+torch.utils.rename_privateuse1_backend("npu")  # what importing torch_npu does: "npu" devices exist
+from mindspeed_lora.accelerator import Accelerator, detect_device_type
+from mindspeed_lora.patches import patches_for
+from mindspeed_lora.patches.device import DeviceRedirectingTorch
+
+with fake_torch_npu():
     assert detect_device_type() == "npu"
     acc = Accelerator("npu")
-    assert acc.dist_backend == "hccl" and acc.module is _FakeNpuModule
+    assert acc.dist_backend == "hccl" and acc.module is FakeNpu
     assert acc.device() == torch.device("npu", 0)
-
-    from mindspeed_lora.patches import patches_for
-    from mindspeed_lora.patches.device import DeviceRedirectingTorch
-
     names = {p.name for p in patches_for(acc)}
-    assert {"torch-cuda-redirect", "rng-tracker-state"} <= names
+    assert {"torch-cuda-redirect", "rng-tracker-state"} <= names, names
     proxy = DeviceRedirectingTorch(acc)
-    assert proxy.cuda is _FakeNpuModule  # megatron's torch.cuda.* calls land on torch.npu
+    assert proxy.cuda is FakeNpu  # megatron's torch.cuda.* calls land on torch.npu
     assert proxy._device("cuda") == torch.device("npu", 0)
     assert proxy._device(torch.device("cuda", 3)) == torch.device("npu", 0)
     assert proxy.Tensor is torch.Tensor
-
-    monkeypatch.setattr(_FakeNpuModule, "device_count", staticmethod(lambda: 0))
+    FakeNpu.count = 0
     assert detect_device_type() == "cpu"  # torch_npu installed but no device present
+print("npu-ok")
+"""
+
+
+def test_npu_is_chosen_when_torch_npu_imports_and_has_a_device():
+    # In a subprocess: naming the PrivateUse1 backend "npu" (as torch_npu does) cannot be undone.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "MINDSPEED_LORA_DEVICE"}
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", _NPU_SCRIPT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "npu-ok" in out.stdout, out.stderr
