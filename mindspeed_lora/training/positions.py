@@ -31,10 +31,12 @@ class PositionedRotaryEmbedding(torch.nn.Module):
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         if self.position_ids is None:
             return self.rotary(max_seq_len, offset, packed_seq, cp_group)
-        pos = self.position_ids.t().to(device=self.inv_freq.device, dtype=self.inv_freq.dtype)  # [s, b]
+        # on the positions' device: megatron keeps inv_freq on the CPU until its own first forward
+        inv_freq = self.inv_freq.to(self.position_ids.device)
+        pos = self.position_ids.t().to(inv_freq.dtype)  # [s, b]
         if pos.shape[0] != max_seq_len:
             raise ValueError(f"position_ids cover {pos.shape[0]} tokens, the model runs {max_seq_len}")
-        freqs = pos.unsqueeze(-1) * self.inv_freq  # [s, b, d/2]
+        freqs = pos.unsqueeze(-1) * inv_freq  # [s, b, d/2]
         return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [s, b, 1, d]
 
 

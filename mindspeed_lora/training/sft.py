@@ -203,7 +203,7 @@ class SFTTrainer:
         acc = get_accelerator()
         dev = acc.device()
         if self.rope is not None:
-            self.rope.position_ids = batch["position_ids"] if batch["attention_mask"] is not None else None
+            self.rope.position_ids = batch["position_ids"].to(dev) if batch["attention_mask"] is not None else None
         mask = batch["attention_mask"]
         out = model(batch["tokens"].to(dev), batch["position_ids"].to(dev),
                     mask.to(dev) if mask is not None else None, labels=batch["labels"].to(dev))
