@@ -4,6 +4,8 @@
     python preprocess_data.py --input data.jsonl --tokenizer-name-or-path HF_DIR --output-prefix out/alpaca \
         --handler-name AlpacaStyleInstructionHandler --prompt-type qwen3 --seq-length 4096 --workers 8
 """
+import sys
+
 from mindspeed_lora.arguments import parse_args
 from mindspeed_lora.errors import main_guard
 
@@ -12,7 +14,11 @@ from mindspeed_lora.errors import main_guard
 def main(argv=None):
     from mindspeed_lora.data.preprocess import PreprocessConfig, run_preprocess
 
-    run_preprocess(PreprocessConfig.from_args(parse_args("preprocess_data", argv)))
+    try:
+        run_preprocess(PreprocessConfig.from_args(parse_args("preprocess_data", argv)))
+    except KeyboardInterrupt:
+        print("preprocess_data: interrupted; nothing was written under the output names", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
