@@ -63,8 +63,11 @@ class DataSetup:
     split: str = "100,0,0"
     pad_to_seq_length: bool = True
     """False with --variable-seq-lengths / --no-pad-to-seq-lengths: pad to a multiple of 8."""
+    neat_pack: bool = False
+    """--neat-pack: attention_mask holds segment ids; attention and positions restart at every segment."""
     reset_attention: bool = False
-    """--neat-pack / --reset-attention-mask: attention and positions restart at every packed sample."""
+    """--reset-attention-mask / --reset-position-ids: the same for packs, with segments from neat-pack ids
+    when the data has them, else split after each end-of-document token."""
     seed: int = 1234
     shuffle: bool = True
     tokenizer: str | None = None
@@ -294,7 +297,8 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         seq_length=args.seq_length,
         split=args.split,
         pad_to_seq_length=not (args.variable_seq_lengths or args.no_pad_to_seq_lengths),
-        reset_attention=args.neat_pack or args.reset_attention_mask or args.reset_position_ids,
+        neat_pack=args.neat_pack,
+        reset_attention=args.reset_attention_mask or args.reset_position_ids,
         seed=args.seed,
         shuffle=not args.no_shuffle,
         tokenizer=args.tokenizer_name_or_path,

@@ -155,8 +155,8 @@ class SFTTrainer:
         segments = "none"
         has_ids = self.dataset.has_segment_ids()
         eod = None
-        if d.reset_attention:
-            segments = "ids" if has_ids else "eod"
+        if d.neat_pack or d.reset_attention:
+            segments = "ids" if d.neat_pack or has_ids else "eod"
             if segments == "eod":
                 eod = self._eod_id()
         elif has_ids:

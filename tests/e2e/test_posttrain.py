@@ -26,6 +26,28 @@ def losses_of(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", stdout)]
 
 
+def preprocess(root, model: str, name: str, *extra: str) -> str:
+    """Alpaca-style arithmetic questions through preprocess_data.py (the real data pipeline)."""
+    src = root / "alpaca.json"
+    if not src.exists():
+        import random
+
+        rng = random.Random(0)
+        rows = []
+        for _ in range(64):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            rows.append({"instruction": f"What is {a} + {b}?", "input": "", "output": f"The answer is {a + b}."})
+        src.write_text(json.dumps(rows))
+    prefix = str(root / "data" / name)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess_data.py"), "--input", str(src),
+                           "--output-prefix", prefix, "--handler-name", "AlpacaStyleInstructionHandler",
+                           "--tokenizer-name-or-path", model, "--prompt-type", "qwen3", "--seq-length", "128",
+                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return prefix
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("posttrain")
@@ -33,14 +55,13 @@ def inputs(tmp_path_factory):
     from mindspeed_lora import tiny
 
     tiny.build_tokenizer(model)
-    data = fx.write_sft_data(str(root / "data" / "toy"), fx.toy_samples(40))
-    return {"root": root, "model": model, "data": data}
+    return {"root": root, "model": model, "data": preprocess(root, model, "alpaca")}
 
 
 def test_full_finetuning_cli_logs_validates_saves_and_plots(inputs):
     root = inputs["root"]
     save, tb, curve = root / "full_save", root / "tb", root / "curve.png"
-    argv = fx.train_argv(inputs["model"], inputs["data"], iters=12, gbs=8, mbs=4, seq=32, lr=3e-3, extra=[
+    argv = fx.train_argv(inputs["model"], inputs["data"], iters=12, gbs=8, mbs=4, seq=128, lr=3e-3, extra=[
         "--split", "80,20,0", "--eval-interval", "6", "--eval-iters", "1", "--save", str(save),
         "--save-interval", "6", "--tensorboard-dir", str(tb), "--loss-curve", str(curve),
         "--tokenizer-name-or-path", inputs["model"], "--prompt-type", "qwen3", "--is-instruction-dataset",
