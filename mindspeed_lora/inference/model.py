@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.engine import InferenceEngine
 from mindspeed_lora.inference.kv_cache import kv_cache_spec_hook
@@ -35,6 +37,9 @@ class ModelSource:
     require_qkv_bias: bool = False
     seq_length: int | None = None
     """Longest prompt + generated text; None: the model's max_position_embeddings."""
+    lora: object | None = None
+    """LoraConfig of the --lora-* flags (None without --lora-target-modules); the adapter checkpoint's own
+    settings are used when it records them, and must agree with these."""
 
     def __post_init__(self):
         if not self.load:
@@ -65,8 +70,16 @@ def model_source_from_args(args) -> ModelSource:
         spec_hooks=fused_ops_hooks(args),
         arch_overrides={f: getattr(args, flag) for flag, f in ARCH_FLAGS.items() if getattr(args, flag) is not None},
         untie_embeddings=args.untie_embeddings_and_output_weights, require_qk_layernorm=args.qk_layernorm,
-        require_qkv_bias=args.add_qkv_bias, seq_length=args.seq_length,
+        require_qkv_bias=args.add_qkv_bias, seq_length=args.seq_length, lora=_lora_flags(args),
     )
+
+
+def _lora_flags(args):
+    if not args.lora_target_modules:
+        return None
+    from mindspeed_lora.lora import lora_config_from_args
+
+    return lora_config_from_args(args)
 
 
 def inspect_load(path: str):
@@ -124,28 +137,85 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     if loaded.kind == "megatron":
         check_layout(loaded, arch, parallel)
     hooks = list(source.spec_hooks)
-    if source.lora_load is not None:
-        from mindspeed_lora.checkpoint import loading
-
-        lora_cfg = loading.resolve_lora_config(source.lora_load)
+    lora = resolve_lora(source, arch, parallel) if source.lora_load is not None else None
+    if lora is not None:
         from mindspeed_lora.lora.spec import lora_spec_hook
 
-        hooks.append(lora_spec_hook(lora_cfg))
+        hooks.append(lora_spec_hook(lora))
     hooks.append(kv_cache_spec_hook)
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=acc.device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True)
     model = model.to(acc.device())
     load_base_weights(model, loaded, arch, parallel, tp_rank, 0)
-    if source.lora_load is not None:
-        from mindspeed_lora.checkpoint import loading
-
-        loading.load_lora_weights(model, source.lora_load, arch, parallel, tp_rank, 0)
+    if lora is not None:
+        load_adapter_weights(model, source.lora_load, parallel, tp_rank)
     for p in model.parameters():
         p.requires_grad_(False)
     max_len = min(source.seq_length or arch.max_position_embeddings, arch.max_position_embeddings)
     engine = InferenceEngine(model, max_len,
                              use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda")
     return engine, arch
+
+
+def resolve_lora(source: ModelSource, arch: ModelArch, parallel: ParallelOptions):
+    """The adapter's LoraConfig: what its checkpoint records (``mindspeed_lora.json`` key ``lora``), else the
+    --lora-* flags; both given and different is an error. Dropout and CCLoRA are training-only: off here."""
+    import dataclasses
+
+    from mindspeed_lora.checkpoint import megatron_io
+    from mindspeed_lora.lora import LoraConfig
+    from mindspeed_lora.training.model import LoadSource, check_layout
+
+    path = source.lora_load
+    meta = megatron_io.read_metadata(path)
+    if not os.path.isfile(os.path.join(path, megatron_io.LATEST)):
+        raise UserError(f"--lora-load {path}: not a LoRA checkpoint (no {megatron_io.LATEST})")
+    if meta is not None:
+        check_layout(LoadSource(path, "megatron", meta), arch, parallel, what="--lora-load")
+    saved = (meta or {}).get("lora")
+    where = os.path.join(path, megatron_io.METADATA)
+    if saved:
+        cfg = LoraConfig.from_dict(saved, where)
+        flags = source.lora
+        if flags is not None:
+            diffs = [f"{k} {getattr(flags, k)!r} vs {getattr(cfg, k)!r}"
+                     for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(flags, k) != getattr(cfg, k)]
+            if diffs:
+                raise UserError(f"--lora-* flags disagree with the adapter's {where}: {'; '.join(diffs)} "
+                                "(flags vs checkpoint); drop the flags or fix them")
+    elif source.lora is not None:
+        cfg = source.lora
+    else:
+        raise UserError(f"--lora-load {path}: {where} records no LoRA settings; give the --lora-r, --lora-alpha "
+                        "and --lora-target-modules the adapter was trained with")
+    return dataclasses.replace(cfg, dropout=0.0, fusion=False)
+
+
+def load_adapter_weights(model, path: str, parallel: ParallelOptions, tp_rank: int) -> None:
+    """Copy this TP rank's adapter tensors (``...lora_A/B.default.weight``) from the LoRA checkpoint."""
+    from mindspeed_lora.checkpoint import megatron_io
+    from mindspeed_lora.lora.spec import adapter_state_dict
+
+    shard = megatron_io.shard_path(megatron_io.resolve_iteration_dir(path), tp_rank, 0, 1)
+    saved = megatron_io.load_shard(shard).get("model")
+    where = f"--lora-load {path} (TP rank {tp_rank})"
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: shard has no 'model' state dict")
+    from mindspeed_lora.lora.spec import is_lora_key
+
+    saved = {k: v for k, v in saved.items() if is_lora_key(k)}
+    params = adapter_state_dict(model, keep_vars=True)
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise UserError(f"{where}: adapter keys do not match the model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]} (other --lora-target-modules?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            t = saved[k]
+            if tuple(t.shape) != tuple(p.shape):
+                raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)} "
+                                "(another --lora-r?)")
+            p.copy_(t.to(p.dtype))
 
 
 def fused_ops_hooks(args) -> list[Callable]:

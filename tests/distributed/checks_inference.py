@@ -127,3 +127,37 @@ def check_input_file_requests_split_over_dp(tmp):
     for text, row in zip(texts, rows):  # the oracle: this rank alone, one prompt at a time
         out = generate(engine, [fmt.encode([{"role": "user", "content": text}])], cfg)[0]
         assert row["response"] == tok.decode(out.content_tokens, skip_special_tokens=True)
+
+
+def check_lora_tp2_tokens_equal_tp1(tmp):
+    """A LoRA adapter saved at TP=1 and at TP=2 (split with the converter's adapter rules): same tokens."""
+    from mindspeed_lora.checkpoint.lora_layout import adapter_rules
+    from mindspeed_lora.checkpoint.sharding import split_full
+    from mindspeed_lora.models.arch import ModelArch
+    from mindspeed_lora.models.builder import ParallelOptions
+    from mindspeed_lora.models.family import read_hf_config
+    from mindspeed_lora.parallel import rank_info
+    from tests.unit.test_inference_lora import TARGETS, _megatron_state, _write_adapter_checkpoint, random_adapter
+
+    path = _shared_dir(tmp, "lora_base", lambda p: _lively(p, seed=21))
+    arch = ModelArch.from_hf_config(read_hf_config(path))
+    info = initialize(1, 1, seed=9)
+    adapter = random_adapter(_megatron_state(path), seed=3)  # the same on both ranks (seeded)
+    tp1_dir, tp2_dir = os.path.join(tmp, "lora_tp1"), os.path.join(tmp, "lora_tp2")
+    _write_adapter_checkpoint(tp1_dir, path, adapter)
+    engine, _ = build_inference_engine(ModelSource(load=path, lora_load=tp1_dir), info.tp_rank)
+    cfg = GenerationConfig(max_new_tokens=NEW, stop_token_ids=(EOS,))
+    tp1 = [o.tokens for o in generate(engine, _prompts(), cfg)]
+    plain, _ = build_inference_engine(ModelSource(load=path), info.tp_rank)
+    assert tp1 != [o.tokens for o in generate(plain, _prompts(), cfg)], "the adapter changed nothing"
+
+    info = initialize(2, 1, seed=9)
+    par = ParallelOptions(tensor_model_parallel_size=2)
+    rules = adapter_rules(arch, par, 0, TARGETS)
+    shard = {k: split_full(rules[k].kind, t, 2, info.tp_rank) for k, t in adapter.items()}
+    _write_adapter_checkpoint(tp2_dir, path, shard, par)
+    engine, _ = build_inference_engine(ModelSource(load=path, lora_load=tp2_dir, tensor_model_parallel_size=2),
+                                       info.tp_rank)
+    tp2 = [o.tokens for o in generate(engine, _prompts(), cfg)]
+    assert tp2 == tp1, f"TP=2 {tp2} != TP=1 {tp1}"
+    assert rank_info().tp_size == 2

@@ -63,18 +63,38 @@ def test_chat_with_template_streams_and_keeps_history(hf_dir):
     assert proc.stdout.count("Assistant:") == 2
 
 
-def test_evaluation_cli_accuracy_equals_independent_hf_scorer(hf_dir, tmp_path):
+def test_evaluation_cli_with_lora_equals_independent_scorer_on_merged_model(hf_dir, tmp_path):
+    """evaluation.py --lora-load: accuracy of base + adapter equals the independent scorer on the merged model."""
+    pytest.importorskip("mindspeed_lora.lora.spec", reason="the LoRA package (mindspeed_lora/lora) is not in this tree")
+    from mindspeed_lora.parallel import initialize
+    from tests.unit.test_inference_lora import (
+        ALPHA,
+        R,
+        _megatron_state,
+        _write_adapter_checkpoint,
+        merged_hf_model,
+        random_adapter,
+    )
+
     path, hf, tok = hf_dir
+    initialize(1, 1)
+    state = _megatron_state(path)
+    adapter = random_adapter(state, seed=5)
+    lora_dir = str(tmp_path / "lora")
+    _write_adapter_checkpoint(lora_dir, path, adapter)
+    merged = merged_hf_model(hf, path, state, adapter, ALPHA / R)
     root = make_exam(str(tmp_path / "mmlu"), n_test=4)
     out_dir = tmp_path / "results"
-    proc = run("evaluation.py", "--load", path, "--task", "mmlu", "--task-data-path", root,
+    proc = run("evaluation.py", "--load", path, "--lora-load", lora_dir, "--task", "mmlu", "--task-data-path", root,
                "--eval-output-dir", str(out_dir), "--evaluation-batch-size", "3")
     summary = json.loads((out_dir / "mmlu_accuracy.json").read_text())
-    ref = independent_accuracy(hf, tok, root, "test", zh=False)
+    ref = independent_accuracy(merged, tok, root, "test", zh=False)
     assert {s: v["correct"] for s, v in summary["subjects"].items()} == {s: r[0] for s, r in ref.items()}
     assert summary["overall"]["total"] == sum(r[1] for r in ref.values())
     preds = [json.loads(line) for line in (out_dir / "mmlu_predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in preds] == [letter for r in ref.values() for letter in r[2]]
+    base = [letter for r in independent_accuracy(hf, tok, root, "test", zh=False).values() for letter in r[2]]
+    assert [p["prediction"] for p in preds] != base, "the adapter changed no answer: a weak test"
     assert "overall" in proc.stdout and "accuracy" in proc.stdout
 
 

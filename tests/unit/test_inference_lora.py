@@ -4,7 +4,6 @@ Oracle: the base HF model with every adapted linear replaced by W + (alpha / r) 
 in megatron's layout and mapped back to HF tensors with the converter's shard rules, then HF ``generate``.
 The adapter is random with B != 0 (a fresh LoRA has B = 0 and would test nothing).
 """
-import os
 
 import pytest
 import torch
@@ -95,8 +94,9 @@ def test_merge_oracle_is_the_base_model_when_b_is_zero(base):
         assert not torch.allclose(hf(ids).logits, changed(ids).logits, atol=1e-3)
 
 
-def _write_adapter_checkpoint(save_dir, hf_dir, adapter):
-    """The adapter as a LoRA checkpoint in the layout training saves (adapter keys only)."""
+def _write_adapter_checkpoint(save_dir, hf_dir, adapter, parallel=None):
+    """The adapter (this rank's shard) as a LoRA checkpoint in the layout training saves (adapter keys only);
+    collective over the ranks of the world."""
     from mindspeed_lora.parallel import rank_info
     from mindspeed_lora.training.checkpointing import save_checkpoint
     from mindspeed_lora.training.model import metadata_for
@@ -104,8 +104,8 @@ def _write_adapter_checkpoint(save_dir, hf_dir, adapter):
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
     lora_meta = {"r": R, "alpha": ALPHA, "target_modules": list(TARGETS), "dropout": 0.0, "use_rslora": False}
     save_checkpoint(save_dir, 1, model_state=adapter, optimizer=None, scheduler=None, rank=rank_info(),
-                    consumed_train_samples=0, args={}, metadata=metadata_for(arch, ParallelOptions(), torch.float32,
-                                                                             lora_meta, 1),
+                    consumed_train_samples=0, args={},
+                    metadata=metadata_for(arch, parallel or ParallelOptions(), torch.float32, lora_meta, 1),
                     save_optim=False, save_rng=False, hf_source=hf_dir)
 
 
@@ -117,13 +117,33 @@ def test_lora_greedy_equals_hf_generate_on_the_merged_model(base, tmp_path):
     adapter = random_adapter(state, seed=3)
     lora_dir = str(tmp_path / "lora")
     _write_adapter_checkpoint(lora_dir, path, adapter)
-    engine, _ = build_inference_engine(
-        ModelSource(load=path, lora_load=lora_dir, lora_r=R, lora_alpha=ALPHA, lora_target_modules=list(TARGETS)),
-        tp_rank=0)
+    engine, _ = build_inference_engine(ModelSource(load=path, lora_load=lora_dir), tp_rank=0)
     merged = merged_hf_model(hf, path, state, adapter, ALPHA / R)
     prompts = _prompts(seed=12)
     ours = _ours(engine, prompts)
     assert ours == _hf_generate(merged, prompts, do_sample=False)
     assert ours != _hf_generate(hf, prompts, do_sample=False), "the adapter changed nothing: a weak test"
+    assert ours == _ours(engine, prompts, use_kv_cache=False)
     assert max(len(r) for r in ours) == NEW
-    assert os.path.isdir(lora_dir)
+
+
+def test_lora_settings_that_disagree_or_are_missing_are_refused(base, tmp_path):
+    pytest.importorskip("mindspeed_lora.lora.spec", reason="the LoRA package (mindspeed_lora/lora) is not in this tree")
+    from mindspeed_lora.errors import UserError
+    from mindspeed_lora.inference.model import ModelSource, build_inference_engine
+    from mindspeed_lora.lora import LoraConfig
+
+    path, _, state = base
+    adapter = random_adapter(state, seed=3)
+    lora_dir = str(tmp_path / "lora")
+    _write_adapter_checkpoint(lora_dir, path, adapter)
+    flags = LoraConfig(r=8, alpha=ALPHA, target_modules=list(TARGETS))
+    with pytest.raises(UserError, match=r"disagree with the adapter's .*mindspeed_lora.json: r 8 vs 4"):
+        build_inference_engine(ModelSource(load=path, lora_load=lora_dir, lora=flags), tp_rank=0)
+    with pytest.raises(UserError, match="not a LoRA checkpoint"):
+        build_inference_engine(ModelSource(load=path, lora_load=str(tmp_path)), tp_rank=0)
+    only_qkv = random_adapter(state, seed=3, targets=("linear_qkv",))
+    partial = str(tmp_path / "partial")
+    _write_adapter_checkpoint(partial, path, only_qkv)  # metadata says all four, shards hold one
+    with pytest.raises(UserError, match="adapter keys do not match the model: missing"):
+        build_inference_engine(ModelSource(load=path, lora_load=partial), tp_rank=0)
