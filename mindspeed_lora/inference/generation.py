@@ -135,6 +135,7 @@ def beam_search(engine: InferenceEngine, prompts: list[list[int]], cfg: Generati
     log-prob; candidates ending in a stop token (among the first k) become finished hypotheses scored
     sum_logprob / generated_length ** length_penalty; the best k unfinished ones run on. A prompt is done when
     its worst kept hypothesis beats what its best running beam could still reach at the current length.
+    Beams end at stop tokens only (``cfg.stop_sequences``, multi-token stop words, are not applied here).
     """
     k = cfg.num_beams
     ids, valid = left_pad(prompts, cfg.pad_token_id)
