@@ -126,3 +126,157 @@ def read_metadata(load_dir: str) -> dict | None:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+class ShardReader:
+    """One ``model_optim_rng.pt`` read tensor by tensor: only the bytes of the tensor asked for are read.
+
+    The file is opened once on the meta device (``weights_only``) to learn every tensor's shape, dtype and
+    byte offset; ``read`` then reads that tensor's bytes with plain file I/O into fresh memory, so peak memory
+    is one tensor, not the shard (an mmap would keep every page it touched resident until the shard closes).
+    """
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: checkpoint shard missing (another TP/PP layout? see {METADATA})")
+        self.path = path
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: cannot load checkpoint shard (truncated or not a torch checkpoint?): {e}") from e
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise UserError(f"{path}: expected a dict with a 'model' state dict")
+        self._meta: dict[str, torch.Tensor] = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+        self.extra = {k: v for k, v in state.items() if k != "model"}
+        size = os.path.getsize(path)
+        for key, t in self._meta.items():
+            start, nbytes = self._span(t)
+            if start + nbytes > size:
+                raise UserError(f"{path}: tensor {key!r} ends at byte {start + nbytes} of a {size}-byte file "
+                                "(truncated shard)")
+
+    @staticmethod
+    def _span(t: torch.Tensor) -> tuple[int, int]:
+        storage = t.untyped_storage()
+        base = storage._checkpoint_offset
+        if t.is_contiguous():
+            return base + t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+        return base, storage.nbytes()
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._meta[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key].dtype
+
+    def read(self, key: str) -> torch.Tensor:
+        if key not in self._meta:
+            raise UserError(f"{self.path}: no tensor {key!r} in the shard")
+        t = self._meta[key]
+        start, nbytes = self._span(t)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(memoryview(buf.numpy()))
+        if got != nbytes:
+            raise UserError(f"{self.path}: tensor {key!r} is cut short ({got} of {nbytes} bytes; truncated shard)")
+        if t.is_contiguous():
+            return buf.view(t.dtype).view(t.shape)
+        out = torch.empty(0, dtype=t.dtype)
+        out.set_(buf.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        return out
+
+
+def _placeholders(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+    # torch.empty on the CPU reserves address space only: no page is touched until written, and
+    # skip_data never reads them (FakeTensors would do as well but import torch._dynamo, ~3 s)
+    return {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in specs.items()}
+
+
+def _zip_payloads(path: str) -> dict[int, tuple[str, int]]:
+    """{payload offset: (record name, payload size)} of every record of a zip file."""
+    import struct
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.compress_size)
+    return out
+
+
+def _fix_zip_crcs(path: str, crcs: dict[int, int]) -> None:
+    """Write the CRC-32 of each filled record (by payload offset) into its data descriptor and its
+    central-directory entry.
+
+    torch's ``skip_data`` save leaves CRC 0 for the records it did not write; torch.load never checks, but
+    other zip readers do, and a file that claims a wrong checksum is a corrupt file.
+    """
+    import struct
+    import zipfile
+
+    payloads = _zip_payloads(path)
+    by_name = {payloads[off][0]: crc for off, crc in crcs.items()}
+    with zipfile.ZipFile(path) as z:
+        central = z.start_dir
+    with open(path, "r+b") as f:
+        for off, crc in crcs.items():
+            f.seek(off + payloads[off][1])
+            if f.read(4) != b"PK\x07\x08":
+                raise RuntimeError(f"{path}: record {payloads[off][0]} has no data descriptor where torch writes one")
+            f.write(struct.pack("<I", crc))
+        f.seek(central)
+        while True:
+            entry = f.tell()
+            fixed = f.read(46)
+            if fixed[:4] != b"PK\x01\x02":
+                break
+            name_len, extra_len, comment_len = struct.unpack("<HHH", fixed[28:34])
+            name = f.read(name_len).decode("utf-8")
+            if name in by_name:
+                f.seek(entry + 16)
+                f.write(struct.pack("<I", by_name[name]))
+            f.seek(entry + 46 + name_len + extra_len + comment_len)
+
+
+def write_shard_streaming(path: str, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], produce,
+                          extra: dict) -> None:
+    """Write ``{"model": {key: produce(key)}, **extra}`` as ``torch.save`` would, holding one tensor at a time.
+
+    ``specs`` gives every key's shape and dtype up front (file order). The file's skeleton (the pickle and
+    room for every tensor) is saved first with ``torch.serialization.skip_data``; then each tensor from
+    ``produce`` is written into its room and dropped. Written under a temporary name, renamed when complete.
+    """
+    import zlib
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with torch.serialization.skip_data():
+        torch.save({"model": _placeholders(specs), **extra}, tmp)
+    meta = torch.load(tmp, map_location="meta", weights_only=True)["model"]
+    crcs: dict[int, int] = {}
+    with open(tmp, "r+b") as f:
+        for key, (shape, dtype) in specs.items():
+            t = produce(key)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise AssertionError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
+            data = memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+            offset = meta[key].untyped_storage()._checkpoint_offset
+            f.seek(offset)
+            f.write(data)
+            crcs[offset] = zlib.crc32(data)
+            del t, data
+        f.flush()
+        os.fsync(f.fileno())
+    _fix_zip_crcs(tmp, crcs)
+    os.replace(tmp, path)

@@ -29,34 +29,49 @@ def probe_ids(vocab_size: int, seq: int = 32, batch: int = 2, seed: int = 1234) 
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
 
 
+def megatron_model(source, arch):
+    """A TP=1, PP=1 fp32 megatron-core model with the weights of ``source`` (any source with HF names: an HF
+    reader, or a Megatron checkpoint seen through ``checkpoint.sources.MegatronAsHF``).
+    parallel_state must be initialised at TP=PP=1."""
+    from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+    from mindspeed_lora.models.builder import ParallelOptions, build_gpt_model
+
+    par = ParallelOptions()
+    model = build_gpt_model(arch, par, pre_process=True, post_process=True)
+    load_hf_weights(model, source, arch, par, 0, 0)
+    return model
+
+
+def compare_models(hf_model, mcore_model, vocab_size: int) -> PrecisionReport:
+    """Logits of an HF model vs a megatron-core model on the fixed probe, both in fp32."""
+    ids = probe_ids(vocab_size)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    hf_model = hf_model.float().eval()
+    mcore_model = mcore_model.float().eval()
+    with torch.no_grad():
+        ours = mcore_model(ids, pos, None).float()
+        ref = hf_model(ids).logits.float()
+    diff = (ours - ref).abs()
+    return PrecisionReport(
+        mean_diff=diff.mean().item(), max_diff=diff.max().item(),
+        argmax_mismatches=int((ours.argmax(-1) != ref.argmax(-1)).sum()), tokens=ids.numel(),
+    )
+
+
 def compare(hf_dir: str, mcore_model=None, lora_scale_model=None) -> PrecisionReport:
     """Logits of HF transformers (``hf_dir``) vs megatron-core; builds the megatron model from ``hf_dir``
     when ``mcore_model`` is None. parallel_state must be initialised at TP=PP=1."""
     from transformers import AutoModelForCausalLM
 
     from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
-    from mindspeed_lora.checkpoint.weight_map import load_hf_weights
     from mindspeed_lora.models.arch import ModelArch
-    from mindspeed_lora.models.builder import ParallelOptions, build_gpt_model
     from mindspeed_lora.models.family import read_hf_config
 
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir), hf_dir)
     if mcore_model is None:
-        par = ParallelOptions()
-        mcore_model = build_gpt_model(arch, par, pre_process=True, post_process=True)
-        load_hf_weights(mcore_model, HFCheckpointReader(hf_dir), arch, par, 0, 0)
+        mcore_model = megatron_model(HFCheckpointReader(hf_dir), arch)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = probe_ids(arch.vocab_size)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    mcore_model = mcore_model.float().eval()
-    with torch.no_grad():
-        ours = mcore_model(ids, pos, None).float()
-        ref = hf(ids).logits.float()
-    diff = (ours - ref).abs()
-    return PrecisionReport(
-        mean_diff=diff.mean().item(), max_diff=diff.max().item(),
-        argmax_mismatches=int((ours.argmax(-1) != ref.argmax(-1)).sum()), tokens=ids.numel(),
-    )
+    return compare_models(hf, mcore_model, arch.vocab_size)
 
 
 def main(argv=None) -> None:

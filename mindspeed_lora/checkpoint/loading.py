@@ -1,0 +1,142 @@
+"""Load checkpoint weights into an already-built model chunk (training and inference call these).
+
+``load_dir`` is an HF model dir (sliced per rank from safetensors) or a Megatron checkpoint written by this
+project (this rank's shard, which must have been saved with the run's TP/PP layout). The model may hold
+LoRA-wrapped linears: their base weights are ``<linear>.base_layer.weight`` in the model and
+``<linear>.weight`` in a base checkpoint; adapters load separately with ``load_lora_weights``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig
+from mindspeed_lora.checkpoint.sources import MegatronCheckpoint
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.models.arch import ModelArch
+from mindspeed_lora.models.builder import ParallelOptions, layer_counts
+from mindspeed_lora.models.family import read_hf_config
+
+
+def is_megatron_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, megatron_io.METADATA))
+
+
+def resolve_arch(load_dir: str) -> ModelArch:
+    """The architecture saved beside a Megatron checkpoint (``mindspeed_lora.json``), or an HF dir's config.json."""
+    if not os.path.isdir(load_dir):
+        raise UserError(f"{load_dir}: no such directory")
+    if is_megatron_dir(load_dir):
+        return MegatronCheckpoint(load_dir, "checkpoint").arch
+    if os.path.isfile(os.path.join(load_dir, megatron_io.LATEST)):
+        raise UserError(f"{load_dir}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF model "
+                        "with this project's convert_ckpt.py, which records the architecture")
+    config = os.path.join(load_dir, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{load_dir}: neither a Megatron checkpoint ({megatron_io.METADATA}) nor an HF model dir "
+                        "(config.json)")
+    return ModelArch.from_hf_config(read_hf_config(load_dir), config)
+
+
+def resolve_lora_config(lora_dir: str):
+    """The LoRA settings a LoRA checkpoint was saved with, as the LoRA layers' ``LoraConfig``."""
+    from mindspeed_lora.lora.config import LoraConfig
+
+    ckpt = MegatronCheckpoint(lora_dir, "--lora-load")
+    if ckpt.lora is None:
+        raise UserError(f"--lora-load {lora_dir}: {megatron_io.METADATA} has no LoRA config ('lora' is null)")
+    return LoraConfig.from_dict(ckpt.lora.to_metadata(), os.path.join(lora_dir, megatron_io.METADATA))
+
+
+def _check_layout(ckpt: MegatronCheckpoint, arch: ModelArch, parallel: ParallelOptions) -> None:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    counts, saved = layer_counts(arch, parallel), layer_counts(ckpt.arch, ckpt.parallel)
+    if (ckpt.tp, ckpt.pp) != (tp, pp) or counts != saved:
+        raise UserError(
+            f"{ckpt.what} {ckpt.path}: saved with tensor-model-parallel-size {ckpt.tp}, pipeline-model-parallel-size "
+            f"{ckpt.pp} (layers per stage {saved}); this run uses {tp}, {pp} ({counts}). Reshard it with "
+            f"convert_ckpt.py --load-model-type mg --save-model-type mg --load-dir {ckpt.path} --save-dir NEW_DIR "
+            f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}"
+            + (f" --num-layer-list {','.join(map(str, counts))}" if pp > 1 else ""))
+    diffs = [f"{f.name} {getattr(ckpt.arch, f.name)!r} vs {getattr(arch, f.name)!r}"
+             for f in dataclasses.fields(ModelArch)
+             if f.name != "torch_dtype" and getattr(ckpt.arch, f.name) != getattr(arch, f.name)]
+    if diffs:
+        raise UserError(f"{ckpt.what} {ckpt.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
+
+
+def _model_params(model, adapters: bool) -> dict[str, torch.Tensor]:
+    """The model's weights as a checkpoint names them: base (``.base_layer.`` folded away) or adapter keys."""
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k.endswith("_extra_state") or (".lora_" in k) != adapters:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+def _copy_shard(model_params: dict, ckpt: MegatronCheckpoint, keys: set[str], tp_rank: int, pp_rank: int) -> None:
+    path = ckpt.shard(tp_rank, pp_rank).path
+    missing, unexpected = sorted(set(model_params) - keys), sorted(keys - set(model_params))
+    if missing:
+        raise UserError(f"{path}: no tensor {missing[0]!r}, which the model has"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{path}: tensor {unexpected[0]!r} is not in the model"
+                        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    with torch.no_grad():
+        for key, param in model_params.items():
+            t = ckpt.read(tp_rank, pp_rank, key)
+            if tuple(t.shape) != tuple(param.shape):
+                raise UserError(f"{path}: {key} has shape {tuple(t.shape)}; the model expects {tuple(param.shape)}")
+            param.copy_(t.to(param.dtype))
+
+
+def load_base_weights(model, load_dir: str, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
+                      pp_rank: int) -> None:
+    """Copy this rank's base weights from an HF dir or a Megatron checkpoint into ``model`` (stage ``pp_rank``)."""
+    if not is_megatron_dir(load_dir):
+        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
+        from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+
+        resolve_arch(load_dir)  # a clear message for a dir that is neither layout
+        load_hf_weights(model, HFCheckpointReader(load_dir), arch, parallel, tp_rank, pp_rank)
+        return
+    ckpt = MegatronCheckpoint(load_dir, "--load")
+    _check_layout(ckpt, arch, parallel)
+    if not ckpt.has_base:
+        raise UserError(f"--load {load_dir}: holds LoRA tensors only; the base model's checkpoint goes to --load "
+                        "and this one to --lora-load")
+    keys = {k for k in ckpt.shard_keys(tp_rank, pp_rank) if ".lora_" not in k}
+    _copy_shard(_model_params(model, adapters=False), ckpt, keys, tp_rank, pp_rank)
+
+
+def load_lora_weights(model, lora_dir: str, lora_config, parallel: ParallelOptions, tp_rank: int,
+                      pp_rank: int) -> None:
+    """Copy this rank's LoRA A/B from a LoRA checkpoint into the model's LoRA-wrapped linears.
+
+    ``lora_config`` is the run's LoRA setting (this module's ``LoraCheckpointConfig``, a metadata dict, or any
+    object with r / alpha / target_modules / use_rslora); a checkpoint trained with another rank, alpha or
+    target set is refused. None takes the checkpoint's own setting.
+    """
+    ckpt = MegatronCheckpoint(lora_dir, "--lora-load")
+    if not ckpt.has_adapter:
+        raise UserError(f"--lora-load {lora_dir}: no LoRA tensors (lora_A / lora_B) in its shards")
+    wanted = LoraCheckpointConfig.of(lora_config) if lora_config is not None else None
+    lora = ckpt.adapter_config(wanted)
+    _check_layout(ckpt, ckpt.arch, parallel)
+    keys = {k for k in ckpt.shard_keys(tp_rank, pp_rank) if ".lora_" in k}
+    params = _model_params(model, adapters=True)
+    if not params:
+        raise UserError(f"--lora-load {lora_dir}: the model has no LoRA layers (LoRA targets "
+                        f"{list(lora.target_modules)} expected)")
+    for key in sorted(keys):
+        if key.endswith(".lora_A.default.weight"):
+            r = ckpt.shard(tp_rank, pp_rank).shape(ckpt.shard_keys(tp_rank, pp_rank)[key])[0]
+            if r != lora.r:
+                raise UserError(f"{ckpt.shard(tp_rank, pp_rank).path}: {key} has rank {r}; the LoRA config says "
+                                f"r={lora.r}")
+    _copy_shard(params, ckpt, keys, tp_rank, pp_rank)
