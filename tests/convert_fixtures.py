@@ -29,11 +29,12 @@ ALL_TARGETS = tuple(LINEARS)
 ROW_PARALLEL = ("linear_proj", "linear_fc2")
 
 
-def tiny_hf(family: str, path: str, seed: int = 0, dtype: str = "float32", layers: int = 4, lively: bool = False):
+def tiny_hf(family: str, path: str, seed: int = 0, dtype: str = "float32", layers: int = 4, lively: bool = False,
+            **overrides):
     """A tiny HF model (8 heads, 4 query groups so TP 4 divides them, ``layers`` layers) and tokenizer."""
     tiny.build_tokenizer(path)
-    hf = tiny.build_hf_model(family, None, seed=seed, num_attention_heads=8, num_key_value_heads=4,
-                             num_hidden_layers=layers)
+    hf = tiny.build_hf_model(family, None, seed=seed, **{"num_attention_heads": 8, "num_key_value_heads": 4,
+                                                         "num_hidden_layers": layers, **overrides})
     if lively:  # linear weights x8: logits far from uniform, so a wrong layout shows in them
         with torch.no_grad():
             for name, p in hf.named_parameters():
@@ -163,7 +164,7 @@ def peft_state(adapter: dict) -> dict[str, torch.Tensor]:
     for (layer, target), ab in adapter.items():
         for module, b in zip(LINEARS[target][1], ab["B"]):
             base = f"base_model.model.model.layers.{layer}.{module}"
-            out[f"{base}.lora_A.weight"] = ab["A"]
+            out[f"{base}.lora_A.weight"] = ab["A"].clone()
             out[f"{base}.lora_B.weight"] = b
     return out
 

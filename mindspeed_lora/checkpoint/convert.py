@@ -35,7 +35,7 @@ from mindspeed_lora.checkpoint.hf_writer import (
     write_hf_config,
 )
 from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig, adapter_rules
-from mindspeed_lora.checkpoint.lora_merge import merge_into_megatron_model, merged_parts
+from mindspeed_lora.checkpoint.lora_merge import merged_parts
 from mindspeed_lora.checkpoint.peft_adapter import export_adapter, is_peft_adapter_dir, read_adapter
 from mindspeed_lora.checkpoint.sharding import read_shard
 from mindspeed_lora.checkpoint.sources import (
@@ -43,6 +43,7 @@ from mindspeed_lora.checkpoint.sources import (
     HFSource,
     MegatronAsHF,
     MegatronCheckpoint,
+    first_of,
     model_order,
 )
 from mindspeed_lora.checkpoint.weight_map import BoundRule, stage_rules
@@ -210,8 +211,7 @@ def _check_hf_tensors(source: HFSource, arch: ModelArch) -> None:
     needed = {n: r for r in rules.values() for n in r.hf_names}
     missing = sorted(set(needed) - set(source.keys()))
     if missing:
-        raise UserError(f"{source.model_dir}: tensor {missing[0]!r} not found"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UserError(f"{source.model_dir}: tensor {first_of(missing)} not found")
     dropped = {"lm_head.weight"} if arch.tie_word_embeddings else set()
     unknown = sorted(n for n in source.keys() if n not in needed and n not in dropped and not HF_DROPPED.search(n))
     if unknown:
@@ -333,12 +333,12 @@ def hf_to_mg(cfg: ConvertConfig) -> ConvertResult:
         if cfg.test_precision:
             from transformers import AutoModelForCausalLM
 
-            from mindspeed_lora.checkpoint.precision import megatron_model
+            from mindspeed_lora.checkpoint.precision import megatron_model_from_checkpoint
 
             _ensure_single_rank_parallel()
             written = MegatronCheckpoint(out.path, "converted checkpoint")
             hf = AutoModelForCausalLM.from_pretrained(cfg.load_dir, dtype=torch.float32)
-            report = _precision(cfg, hf, megatron_model(MegatronAsHF(written), arch), arch)
+            report = _precision(cfg, hf, megatron_model_from_checkpoint(written), arch)
         out.publish()
     return ConvertResult(out.final, total, time.time() - t0, report)
 
@@ -428,12 +428,10 @@ def mg_to_hf(cfg: ConvertConfig) -> ConvertResult:
         if cfg.test_precision:
             from transformers import AutoModelForCausalLM
 
-            from mindspeed_lora.checkpoint.precision import megatron_model
+            from mindspeed_lora.checkpoint.precision import megatron_model_from_checkpoint
 
             _ensure_single_rank_parallel()
-            mcore = megatron_model(view, base.arch)
-            if lora is not None:
-                merge_into_megatron_model(mcore, adapter, base.arch, lora)
+            mcore = megatron_model_from_checkpoint(base, (lora, lora_ckpt) if lora else None)
             hf = AutoModelForCausalLM.from_pretrained(out.path, dtype=torch.float32)
             report = _precision(cfg, hf, mcore, base.arch)
         out.publish()
@@ -498,12 +496,12 @@ def mg_to_mg(cfg: ConvertConfig) -> ConvertResult:
             _write_hf_config_dir(out.path, src.hf_config_dir, cfg.tokenizer_dir)
         report = None
         if cfg.test_precision:
-            from mindspeed_lora.checkpoint.precision import megatron_model
+            from mindspeed_lora.checkpoint.precision import megatron_model_from_checkpoint
 
             _ensure_single_rank_parallel()
             written = MegatronCheckpoint(out.path, "converted checkpoint")
             hf = _hf_model_from(_config_dir(cfg, src), MegatronAsHF(src))
-            report = _precision(cfg, hf, megatron_model(MegatronAsHF(written), arch), arch)
+            report = _precision(cfg, hf, megatron_model_from_checkpoint(written), arch)
         out.publish()
     return ConvertResult(out.final, total, time.time() - t0, report)
 

@@ -14,7 +14,7 @@ import torch
 
 from mindspeed_lora.checkpoint import megatron_io
 from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig
-from mindspeed_lora.checkpoint.sources import MegatronCheckpoint
+from mindspeed_lora.checkpoint.sources import MegatronCheckpoint, first_of
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions, layer_counts
@@ -82,11 +82,9 @@ def _copy_shard(model_params: dict, ckpt: MegatronCheckpoint, keys: set[str], tp
     path = ckpt.shard(tp_rank, pp_rank).path
     missing, unexpected = sorted(set(model_params) - keys), sorted(keys - set(model_params))
     if missing:
-        raise UserError(f"{path}: no tensor {missing[0]!r}, which the model has"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UserError(f"{path}: no tensor {first_of(missing)}, which the model has")
     if unexpected:
-        raise UserError(f"{path}: tensor {unexpected[0]!r} is not in the model"
-                        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise UserError(f"{path}: tensor {first_of(unexpected)} is not in the model")
     with torch.no_grad():
         for key, param in model_params.items():
             t = ckpt.read(tp_rank, pp_rank, key)

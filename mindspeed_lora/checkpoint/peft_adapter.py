@@ -19,7 +19,7 @@ from mindspeed_lora.checkpoint.lora_layout import (
     adapter_rules,
     hf_module_targets,
 )
-from mindspeed_lora.checkpoint.sources import DictSource, MegatronAsHF, peft_source
+from mindspeed_lora.checkpoint.sources import DictSource, MegatronAsHF, first_of, peft_source
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
@@ -137,7 +137,7 @@ def read_adapter(adapter_dir: str, arch: ModelArch, flags: LoraCheckpointConfig 
     expected = {n for r in rules.values() for n in r.hf_names + r.copies}
     missing, unknown = sorted(expected - set(src.keys())), sorted(set(src.keys()) - expected)
     if missing:
-        raise UserError(f"{src.model_dir}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) for targets "
+        raise UserError(f"{src.model_dir}: missing tensor {first_of(missing)} for targets "
                         f"{list(lora.target_modules)}")
     if unknown:
         raise UserError(f"{src.model_dir}: tensor {unknown[0]!r} does not map to a megatron LoRA weight of this "

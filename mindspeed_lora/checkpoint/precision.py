@@ -42,6 +42,46 @@ def megatron_model(source, arch):
     return model
 
 
+def megatron_model_from_checkpoint(ckpt, lora=None):
+    """A TP=1, PP=1 fp32 megatron-core model holding a Megatron checkpoint of any TP/PP layout (a
+    ``checkpoint.sources.MegatronCheckpoint``), joined in megatron's layout without passing through HF names;
+    with ``lora`` (its LoRA config and a LoRA ``MegatronCheckpoint``) the adapter is merged in fp32 in that
+    layout too. parallel_state must be initialised at TP=PP=1."""
+    from mindspeed_lora.checkpoint.lora_layout import adapter_rules
+    from mindspeed_lora.checkpoint.lora_merge import merge_delta
+    from mindspeed_lora.checkpoint.weight_map import global_layer_key, stage_rules
+    from mindspeed_lora.errors import UserError
+    from mindspeed_lora.models.builder import ParallelOptions, build_gpt_model, layer_offset
+
+    model = build_gpt_model(ckpt.arch, ParallelOptions(), pre_process=True, post_process=True)
+    params = {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
+              if not k.endswith("_extra_state") and ".lora_" not in k}
+    filled = set()
+    with torch.no_grad():
+        for pp in range(ckpt.pp):
+            offset = layer_offset(ckpt.arch, ckpt.parallel, pp)
+            for key, rule in stage_rules(ckpt.arch, ckpt.parallel, pp).items():
+                name = global_layer_key(key, offset)
+                if name in params and name not in filled:  # a tied embedding's last-stage copy has no place
+                    params[name].copy_(ckpt.tp1_tensor(pp, key, rule.kind))
+                    filled.add(name)
+        if lora is not None:
+            config, lora_ckpt = lora
+            for pp in range(lora_ckpt.pp):
+                offset = layer_offset(lora_ckpt.arch, lora_ckpt.parallel, pp)
+                rules = adapter_rules(lora_ckpt.arch, lora_ckpt.parallel, pp, config.target_modules)
+                for key, rule in rules.items():
+                    if key.endswith(".lora_A.default.weight"):
+                        b_key = key.replace(".lora_A.", ".lora_B.")
+                        a = lora_ckpt.tp1_tensor(pp, key, rule.kind)
+                        b = lora_ckpt.tp1_tensor(pp, b_key, rules[b_key].kind)
+                        w = params[global_layer_key(rule.base_key, offset)]
+                        w.copy_(merge_delta(w, a, b, config.scaling, w.dtype))
+    if filled != set(params):
+        raise UserError(f"{ckpt.path}: no weights for {sorted(set(params) - filled)[:3]}")
+    return model
+
+
 def compare_models(hf_model, mcore_model, vocab_size: int) -> PrecisionReport:
     """Logits of an HF model vs a megatron-core model on the fixed probe, both in fp32."""
     ids = probe_ids(vocab_size)

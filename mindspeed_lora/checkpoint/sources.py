@@ -19,11 +19,17 @@ from mindspeed_lora.checkpoint.weight_map import BoundRule, stage_rules
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
+from mindspeed_lora.models.family import GATE_UP, REPLICATED, ROW
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 HF_DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 """HF tensors we drop on purpose: old Llama checkpoints store the rotary inverse frequencies."""
+
+
+def first_of(names: list[str]) -> str:
+    """``'a'`` or ``'a' (and 3 more)``: the first of a sorted list of names, for messages."""
+    return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
 def model_order(keys) -> list[str]:
@@ -192,6 +198,23 @@ class MegatronCheckpoint:
             raise UserError(f"{self.shard(tp_rank, pp_rank).path}: no tensor {key!r}")
         return self.shard(tp_rank, pp_rank).read(keys[key])
 
+    def tp1_tensor(self, pp_rank: int, key: str, kind: str) -> torch.Tensor:
+        """The TP=1 megatron tensor of ``key`` joined from all TP shards in megatron's own layout.
+
+        The inverse of ``sharding.split_full``, with no HF layout in between: qkv groups and vocab/column rows
+        are contiguous per rank, gate_up is [gate_r; up_r] per rank, row-parallel splits columns. The precision
+        test builds its megatron model this way, so a wrong HF <-> megatron transform cannot cancel itself.
+        """
+        shards = [self.read(tp, pp_rank, key) for tp in range(self.tp)]
+        if kind == REPLICATED:
+            return shards[0]
+        if kind == ROW:
+            return torch.cat(shards, dim=1)
+        if kind == GATE_UP:
+            halves = [t.chunk(2, dim=0) for t in shards]
+            return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        return torch.cat(shards, dim=0)
+
     def meta(self, tp_rank: int, pp_rank: int, key: str) -> torch.Tensor:
         shard = self.shard(tp_rank, pp_rank)
         raw = self.shard_keys(tp_rank, pp_rank)[key]
@@ -229,13 +252,9 @@ class MegatronCheckpoint:
                 path = self.shard(tp, pp).path
                 missing, unknown = sorted(set(rules) - keys), sorted(keys - set(rules))
                 if missing:
-                    raise UserError(f"{path}: missing tensor {missing[0]!r}"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                    + _adapter_hint(missing, lora))
+                    raise UserError(f"{path}: missing tensor {first_of(missing)}{_adapter_hint(missing, lora)}")
                 if unknown:
-                    raise UserError(f"{path}: unexpected tensor {unknown[0]!r}"
-                                    + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                                    + _adapter_hint(unknown, lora))
+                    raise UserError(f"{path}: unexpected tensor {first_of(unknown)}{_adapter_hint(unknown, lora)}")
                 if lora is not None:
                     for key in rules:
                         if key.endswith(".lora_A.default.weight"):
@@ -295,7 +314,7 @@ class MegatronAsHF(TensorSource):
         if self._cache is not None and self._cache[0] == ident:
             return self._cache[1]
         shards = [self.ckpt.read(tp, pp_rank, rule.mcore_key) for tp in range(self.ckpt.tp)]
-        if rule.kind == "replicated":
+        if rule.kind == REPLICATED:
             for tp, s in enumerate(shards[1:], start=1):
                 if not torch.equal(s, shards[0]):
                     raise UserError(f"{self.ckpt.shard(tp, pp_rank).path}: {rule.mcore_key} should be the same on "
