@@ -195,6 +195,9 @@ class SampleEncoder:
         encoded = self.text.encode(list(strings))
         tail = ([t.eos_id] if t.spec.efficient_eos else []) + ([o.eod_id] if o.append_eod else [])
         streams = [_Stream() for _ in range(n_streams)]
+        # efficient_eos: answers carry no eos token; in multi-turn SFT the label of each later prompt's first
+        # token is eos instead, so the answer before it learns to end (MindSpeed-LLM / LLaMA-Factory do this)
+        eos_first = t.spec.efficient_eos and n_streams == 1
         for i, seqs in plans:
             built = []
             for seq in seqs:
@@ -206,9 +209,7 @@ class SampleEncoder:
                             seg += encoded[r]
                         else:
                             seg.append(-r - 1)
-                    # efficient_eos: answers carry no eos token; instead the label of the next prompt's first
-                    # token is eos, so the last answer token learns to predict the end (as MindSpeed-LLM does)
-                    segments.append((seg, trained, t.spec.efficient_eos and k > 0 and not trained))
+                    segments.append((seg, trained, eos_first and k > 0 and not trained))
                 segments.append((tail, True, False))
                 length = sum(len(s) for s, _, _ in segments)
                 built.append((segments, length, -length % o.pad_to_multiple_of))

@@ -141,7 +141,8 @@ def build_encoder_state(cfg: PreprocessConfig) -> EncoderState:
     max_length, too_long = None, ""
     if cfg.pack:
         max_length = (cfg.seq_length - 1) // cfg.pad_to_multiple_of * cfg.pad_to_multiple_of
-        too_long = f"longer than the pack capacity {max_length} (--seq-length - 1)"
+        rounded = ", rounded down to --pad-to-multiple-of" if max_length != cfg.seq_length - 1 else ""
+        too_long = f"longer than the pack capacity {max_length} (--seq-length - 1{rounded})"
     elif cfg.seq_length is not None and cfg.kind != "pretrain":
         max_length = cfg.seq_length - 1
         too_long = f"length >= --seq-length {cfg.seq_length}"
@@ -311,10 +312,13 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
         raise UserError(f"--input {cfg.input}: no sample was written ({stats.read} read, "
                         f"{sum(stats.dropped.values())} dropped, {sum(stats.skipped.values())} skipped); "
                         "see the reasons above")
-    for w in unpacked.values():
-        w.close() if cfg.pack else w.finalize()
-    if cfg.pack:
+    if cfg.pack:  # the unpacked samples are only read back by the packer
+        for w in unpacked.values():
+            w.close()
         _write_packs(cfg, state, staged, unpacked, stats)
+    else:
+        for w in unpacked.values():
+            w.finalize()
 
 
 def _write_packs(cfg, state, staged, unpacked, stats: Stats) -> None:

@@ -203,10 +203,12 @@ class ChatTemplate:
         return ChatTemplate(spec, ids, eos_id)
 
     def _bind(self, slots):
+        """Slots -> token ids, plain strings, and (before, after) pairs around a single ``{{content}}``."""
         out = []
         for s in slots:
             if isinstance(s, str):
-                out.append(s)
+                parts = s.split("{{content}}")
+                out.append((parts[0], parts[1]) if len(parts) == 2 and "{{idx}}" not in s else s)
             elif s[0] == "token":
                 out.append(self._ids["token:" + s[1]])
             elif self._ids[s[1]] is not None:  # no bos token: nothing, as MindSpeed-LLM does
@@ -216,12 +218,15 @@ class ChatTemplate:
     def _apply(self, key: str, content: str = "", idx: int = 0) -> list:
         pieces = []
         for s in self._formats[key]:
-            if isinstance(s, str):
-                s = s.replace("{{idx}}", str(idx)).replace("{{content}}", content)
-                if s:
-                    pieces.append(s)
+            if type(s) is tuple:
+                text = s[0] + content + s[1]
+            elif type(s) is str:
+                text = s.replace("{{idx}}", str(idx)).replace("{{content}}", content) if "{{" in s else s
             else:
                 pieces.append(s)
+                continue
+            if text:
+                pieces.append(text)
         return pieces
 
     # -- thinking

@@ -366,3 +366,37 @@ def test_other_file_formats(tmp_path, tok_dir, fmt):
     preprocess(tmp_path, rows, "AlpacaStyleInstructionHandler", tok_dir, "chatml", name=f"data.{fmt}")
     got = [s["trained"] for s in decoded(tmp_path, tok_dir)]
     assert got == [["Meow.<|im_end|>"], ["喵<|im_end|>"]]
+
+
+def test_slow_tokenizer_path_gives_the_same_ids(tmp_path, tok_dir):
+    """--tokenizer-not-use-fast: workers encode with the HF tokenizer object instead of its tokenizers JSON."""
+    rows = [sharegpt()]
+    preprocess(tmp_path, rows, "SharegptStyleInstructionHandler", tok_dir, "qwen3")
+    fast = read_key(str(tmp_path / "out" / "ds"), "input_ids")
+    preprocess(tmp_path, rows, "SharegptStyleInstructionHandler", tok_dir, "qwen3", tokenizer_not_use_fast=True)
+    slow = read_key(str(tmp_path / "out" / "ds"), "input_ids")
+    assert [x.tolist() for x in fast] == [x.tolist() for x in slow]
+
+
+def test_efficient_eos(tmp_path, tok_dir):
+    """efficient_eos: no eos after answers; the first token of each later prompt is labelled eos instead, and
+    one eos ends the sample (trained)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"name": "ee", "format_user": {"slots": ["U:{{content}}\n"]},
+                                 "format_separator": {"slots": ["\n"]}, "efficient_eos": True}]))
+    preprocess(tmp_path, [sharegpt(system=None)], "SharegptStyleInstructionHandler", tok_dir, "ee",
+               prompt_type_path=str(path))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    x = read_key(str(tmp_path / "out" / "ds"), "input_ids")[0]
+    y = read_key(str(tmp_path / "out" / "ds"), "labels")[0]
+    assert tok.decode(x.tolist()) == "U:Hi\nMeow.\nU:你好吗？\n我很好，喵。<|im_end|>"
+    n_u1 = len(tok.encode("U:Hi\n", add_special_tokens=False))
+    n_a1 = len(tok.encode("Meow.", add_special_tokens=False))
+    start2 = n_u1 + n_a1  # the separator "\n" starts the second prompt
+    assert (y[:n_u1] == -100).all() and (y[n_u1:start2] == x[n_u1:start2]).all()
+    assert y[start2] == tok.eos_token_id != x[start2]
+    n_p2 = len(tok.encode("\n", add_special_tokens=False)) + len(tok.encode("U:你好吗？\n", add_special_tokens=False))
+    assert (y[start2 + 1:start2 + n_p2] == -100).all()
+    assert (y[start2 + n_p2:] == x[start2 + n_p2:]).all() and x[-1] == tok.eos_token_id

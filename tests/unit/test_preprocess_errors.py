@@ -162,3 +162,17 @@ def test_bad_flags(tmp_path, tok_dir):
     assert "--workers 0: expected >= 1" in error_of(tmp_path, src, tok_dir, workers=0)
     m = error_of(tmp_path, src, str(tmp_path))
     assert m.startswith(f"--tokenizer-name-or-path {tmp_path}: cannot load an HF tokenizer")
+
+
+def test_bad_templates_file(tmp_path, tok_dir):
+    src = write_rows(tmp_path / "data.jsonl", [GOOD])
+    path = tmp_path / "templates.json"
+    path.write_text('[{"name": "x", "format_user": {"slots": ["{{content}}"]}, "format_prefix": '
+                    '{"slots": [{"token": "<s>"}]}}, {"name": "y", "format_usr": {"slots": []}}]')
+    m = error_of(tmp_path, src, tok_dir, prompt_type="x", prompt_type_path=str(path))
+    assert m.startswith("template 'x': token '<s>' is not in the tokenizer's vocabulary")
+    m = error_of(tmp_path, src, tok_dir, prompt_type="y", prompt_type_path=str(path))
+    assert m.startswith(f"{path}: template 'y': unknown keys ['format_usr']")
+    path.write_text("[{")
+    m = error_of(tmp_path, src, tok_dir, prompt_type="x", prompt_type_path=str(path))
+    assert m.startswith(f"--prompt-type-path {path}: not valid JSON")
