@@ -44,25 +44,6 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-class StateDictReader:
-    """The HF model's tensors in memory, read the way ``load_hf_weights`` reads safetensors slices."""
-
-    model_dir = "<in-memory HF model>"
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.state
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.state[name].shape)
-
-    def read(self, name: str, dim=None, start: int = 0, stop: int = 0):
-        t = self.state[name]
-        return t if dim is None else t.narrow(dim, start, stop - start)
-
-
 def sync(device) -> None:
     import torch
 
@@ -107,6 +88,7 @@ def run_hf(model, prompt, new_tokens: int, repeats: int, device) -> tuple[dict, 
 
 
 def build_ours(hf_model, cfg, dtype, device, fused_ops: bool):
+    from mindspeed_lora.checkpoint.sources import DictSource
     from mindspeed_lora.checkpoint.weight_map import load_hf_weights
     from mindspeed_lora.inference.kv_cache import kv_cache_spec_hook
     from mindspeed_lora.models.arch import ModelArch
@@ -128,7 +110,7 @@ def build_ours(hf_model, cfg, dtype, device, fused_ops: bool):
     hooks.append(kv_cache_spec_hook)
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=device.type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True).to(device)
-    load_hf_weights(model, StateDictReader(dict(hf_model.state_dict())), arch, parallel, 0, 0)
+    load_hf_weights(model, DictSource(dict(hf_model.state_dict()), "<in-memory HF model>"), arch, parallel, 0, 0)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, arch, fused

@@ -1,11 +1,10 @@
 """Build the model and tokenizer for inference/evaluation from ``--load`` (HF dir or Megatron checkpoint)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.engine import InferenceEngine
@@ -127,95 +126,39 @@ def load_tokenizer(path: str, use_fast: bool = True):
 def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[InferenceEngine, ModelArch]:
     """This rank's TP shard of the model with weights (and LoRA) loaded, wrapped for generation."""
     from mindspeed_lora.accelerator import get_accelerator
-    from mindspeed_lora.training.model import check_layout, load_base_weights
+    from mindspeed_lora.checkpoint import loading
 
-    loaded = inspect_load(source.load)
     arch = resolve_arch(source)
     dtype = dtype_from_name(source.params_dtype or arch.torch_dtype)
     acc = get_accelerator()
     parallel = ParallelOptions(tensor_model_parallel_size=source.tensor_model_parallel_size)
-    if loaded.kind == "megatron":
+    loaded = inspect_load(source.load)
+    if loaded.kind == "megatron":  # before building: a model for another TP layout cannot even be built
+        from mindspeed_lora.training.model import check_layout
+
         check_layout(loaded, arch, parallel)
     hooks = list(source.spec_hooks)
-    lora = resolve_lora(source, arch, parallel) if source.lora_load is not None else None
-    if lora is not None:
+    lora = None
+    if source.lora_load is not None:
         from mindspeed_lora.lora.spec import lora_spec_hook
 
-        hooks.append(lora_spec_hook(lora))
+        # the adapter's own settings (the flags, when given, must agree: checked by load_lora_weights);
+        # dropout and CCLoRA are training-only
+        lora = source.lora or loading.resolve_lora_config(source.lora_load)
+        hooks.append(lora_spec_hook(dataclasses.replace(lora, dropout=0.0, fusion=False)))
     hooks.append(kv_cache_spec_hook)
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=acc.device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True)
     model = model.to(acc.device())
-    load_base_weights(model, loaded, arch, parallel, tp_rank, 0)
+    loading.load_base_weights(model, source.load, arch, parallel, tp_rank, 0)
     if lora is not None:
-        load_adapter_weights(model, source.lora_load, parallel, tp_rank)
+        loading.load_lora_weights(model, source.lora_load, source.lora, parallel, tp_rank, 0)
     for p in model.parameters():
         p.requires_grad_(False)
     max_len = min(source.seq_length or arch.max_position_embeddings, arch.max_position_embeddings)
     engine = InferenceEngine(model, max_len,
                              use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda")
     return engine, arch
-
-
-def resolve_lora(source: ModelSource, arch: ModelArch, parallel: ParallelOptions):
-    """The adapter's LoraConfig: what its checkpoint records (``mindspeed_lora.json`` key ``lora``), else the
-    --lora-* flags; both given and different is an error. Dropout and CCLoRA are training-only: off here."""
-    import dataclasses
-
-    from mindspeed_lora.checkpoint import megatron_io
-    from mindspeed_lora.lora import LoraConfig
-    from mindspeed_lora.training.model import LoadSource, check_layout
-
-    path = source.lora_load
-    meta = megatron_io.read_metadata(path)
-    if not os.path.isfile(os.path.join(path, megatron_io.LATEST)):
-        raise UserError(f"--lora-load {path}: not a LoRA checkpoint (no {megatron_io.LATEST})")
-    if meta is not None:
-        check_layout(LoadSource(path, "megatron", meta), arch, parallel, what="--lora-load")
-    saved = (meta or {}).get("lora")
-    where = os.path.join(path, megatron_io.METADATA)
-    if saved:
-        cfg = LoraConfig.from_dict(saved, where)
-        flags = source.lora
-        if flags is not None:
-            diffs = [f"{k} {getattr(flags, k)!r} vs {getattr(cfg, k)!r}"
-                     for k in ("r", "alpha", "target_modules", "use_rslora") if getattr(flags, k) != getattr(cfg, k)]
-            if diffs:
-                raise UserError(f"--lora-* flags disagree with the adapter's {where}: {'; '.join(diffs)} "
-                                "(flags vs checkpoint); drop the flags or fix them")
-    elif source.lora is not None:
-        cfg = source.lora
-    else:
-        raise UserError(f"--lora-load {path}: {where} records no LoRA settings; give the --lora-r, --lora-alpha "
-                        "and --lora-target-modules the adapter was trained with")
-    return dataclasses.replace(cfg, dropout=0.0, fusion=False)
-
-
-def load_adapter_weights(model, path: str, parallel: ParallelOptions, tp_rank: int) -> None:
-    """Copy this TP rank's adapter tensors (``...lora_A/B.default.weight``) from the LoRA checkpoint."""
-    from mindspeed_lora.checkpoint import megatron_io
-    from mindspeed_lora.lora.spec import adapter_state_dict
-
-    shard = megatron_io.shard_path(megatron_io.resolve_iteration_dir(path), tp_rank, 0, 1)
-    saved = megatron_io.load_shard(shard).get("model")
-    where = f"--lora-load {path} (TP rank {tp_rank})"
-    if not isinstance(saved, dict):
-        raise UserError(f"{where}: shard has no 'model' state dict")
-    from mindspeed_lora.lora.spec import is_lora_key
-
-    saved = {k: v for k, v in saved.items() if is_lora_key(k)}
-    params = adapter_state_dict(model, keep_vars=True)
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise UserError(f"{where}: adapter keys do not match the model: missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]} (other --lora-target-modules?)")
-    with torch.no_grad():
-        for k, p in params.items():
-            t = saved[k]
-            if tuple(t.shape) != tuple(p.shape):
-                raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)} "
-                                "(another --lora-r?)")
-            p.copy_(t.to(p.dtype))
 
 
 def fused_ops_hooks(args) -> list[Callable]:

@@ -3,6 +3,8 @@
 Oracle: HF transformers' generate with the same prompts, left-padded as HF pads them: greedy, sampling (same
 seed: torch.multinomial draws the same numbers from the same probabilities) and beam search.
 """
+import os
+
 import pytest
 import torch
 
@@ -171,35 +173,28 @@ def test_engine_rejects_a_model_without_the_cache_hook(world, tmp_path_factory):
         InferenceEngine(plain, 256)
 
 
-def test_megatron_checkpoint_greedy_equals_hf_generate(world, tmp_path_factory):
-    """--load a Megatron checkpoint (the layout training writes: shards, mindspeed_lora.json, hf_config/)."""
-    from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
-    from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+def convert(*flags: str) -> None:
+    """convert_ckpt.py in this process (as the quickstart runs it, minus the interpreter start)."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.checkpoint.convert import run_from_args
+
+    assert run_from_args(parse_args("convert_ckpt", ["--use-mcore-models", "--no-progress", *flags])) == 0
+
+
+def test_converted_megatron_checkpoint_greedy_equals_hf_generate(world, tmp_path_factory):
+    """--load a Megatron checkpoint made by convert_ckpt.py (tokenizer found in its hf_config/)."""
+    from mindspeed_lora.errors import UserError
     from mindspeed_lora.inference.model import tokenizer_dir
-    from mindspeed_lora.models.arch import ModelArch
-    from mindspeed_lora.models.builder import ParallelOptions, build_gpt_model
-    from mindspeed_lora.models.family import read_hf_config
-    from mindspeed_lora.parallel import rank_info
-    from mindspeed_lora.training.checkpointing import save_checkpoint
-    from mindspeed_lora.training.model import checkpoint_weight_keys, metadata_for
 
     hf_path = str(tmp_path_factory.mktemp("hf_for_mcore"))
     hf = build_lively_model("llama3", hf_path, seed=4)
     tiny.build_tokenizer(hf_path)
-    arch = ModelArch.from_hf_config(read_hf_config(hf_path))
-    par = ParallelOptions()
-    model = build_gpt_model(arch, par, pre_process=True, post_process=True)
-    load_hf_weights(model, HFCheckpointReader(hf_path), arch, par, 0, 0)
-    save = str(tmp_path_factory.mktemp("mcore_ckpt"))
-    save_checkpoint(save, 1, model_state=checkpoint_weight_keys(model), optimizer=None, scheduler=None,
-                    rank=rank_info(), consumed_train_samples=0, args={},
-                    metadata=metadata_for(arch, par, torch.float32, None, 1), save_optim=False, save_rng=False,
-                    hf_source=hf_path)
-    engine, _ = build_inference_engine(ModelSource(load=save), tp_rank=0)
+    mg = str(tmp_path_factory.mktemp("mcore_ckpt"))
+    convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf_path, "--save-dir", mg,
+            "--overwrite-save-dir")
+    engine, _ = build_inference_engine(ModelSource(load=mg), tp_rank=0)
     prompts = _prompts(seed=9)
     assert _ours(engine, prompts) == _hf_generate(hf, prompts, do_sample=False)
-    assert tokenizer_dir(save, None).endswith("hf_config")
-    from mindspeed_lora.errors import UserError
-
+    assert os.path.isfile(os.path.join(tokenizer_dir(mg, None), "tokenizer.json"))
     with pytest.raises(UserError, match="saved with tensor-model-parallel-size 1.*this run uses 2"):
-        build_inference_engine(ModelSource(load=save, tensor_model_parallel_size=2), tp_rank=0)
+        build_inference_engine(ModelSource(load=mg, tensor_model_parallel_size=2), tp_rank=0)

@@ -110,18 +110,30 @@ def _write_adapter_checkpoint(save_dir, hf_dir, adapter, parallel=None):
 
 
 def test_lora_greedy_equals_hf_generate_on_the_merged_model(base, tmp_path):
+    """Base converted to Megatron + adapter checkpoint, as users run it; oracles: HF generate on the
+    converter's merged export and on the merge computed here."""
     pytest.importorskip("mindspeed_lora.lora.spec", reason="the LoRA package (mindspeed_lora/lora) is not in this tree")
+    from transformers import AutoModelForCausalLM
+
     from mindspeed_lora.inference.model import ModelSource, build_inference_engine
+    from tests.unit.test_inference import convert
 
     path, hf, state = base
+    mg = str(tmp_path / "mg")
+    convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", path, "--save-dir", mg)
     adapter = random_adapter(state, seed=3)
     lora_dir = str(tmp_path / "lora")
     _write_adapter_checkpoint(lora_dir, path, adapter)
-    engine, _ = build_inference_engine(ModelSource(load=path, lora_load=lora_dir), tp_rank=0)
-    merged = merged_hf_model(hf, path, state, adapter, ALPHA / R)
+    merged_dir = str(tmp_path / "merged")
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--lora-load", lora_dir,
+            "--save-dir", merged_dir)
+    exported = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+
+    engine, _ = build_inference_engine(ModelSource(load=mg, lora_load=lora_dir), tp_rank=0)
     prompts = _prompts(seed=12)
     ours = _ours(engine, prompts)
-    assert ours == _hf_generate(merged, prompts, do_sample=False)
+    assert ours == _hf_generate(exported, prompts, do_sample=False)
+    assert ours == _hf_generate(merged_hf_model(hf, path, state, adapter, ALPHA / R), prompts, do_sample=False)
     assert ours != _hf_generate(hf, prompts, do_sample=False), "the adapter changed nothing: a weak test"
     assert ours == _ours(engine, prompts, use_kv_cache=False)
     assert max(len(r) for r in ours) == NEW
@@ -138,12 +150,12 @@ def test_lora_settings_that_disagree_or_are_missing_are_refused(base, tmp_path):
     lora_dir = str(tmp_path / "lora")
     _write_adapter_checkpoint(lora_dir, path, adapter)
     flags = LoraConfig(r=8, alpha=ALPHA, target_modules=list(TARGETS))
-    with pytest.raises(UserError, match=r"disagree with the adapter's .*mindspeed_lora.json: r 8 vs 4"):
+    with pytest.raises(UserError, match=r"--lora-load .*does not match the LoRA flags: r 4 vs 8"):
         build_inference_engine(ModelSource(load=path, lora_load=lora_dir, lora=flags), tp_rank=0)
-    with pytest.raises(UserError, match="not a LoRA checkpoint"):
+    with pytest.raises(UserError, match=r"--lora-load .*: no mindspeed_lora.json"):
         build_inference_engine(ModelSource(load=path, lora_load=str(tmp_path)), tp_rank=0)
     only_qkv = random_adapter(state, seed=3, targets=("linear_qkv",))
     partial = str(tmp_path / "partial")
     _write_adapter_checkpoint(partial, path, only_qkv)  # metadata says all four, shards hold one
-    with pytest.raises(UserError, match="adapter keys do not match the model: missing"):
+    with pytest.raises(UserError, match=r"model_optim_rng.pt: no tensor '.*lora_A.default.weight' .*the model has"):
         build_inference_engine(ModelSource(load=path, lora_load=partial), tp_rank=0)
