@@ -64,11 +64,19 @@ def lora_seed(name: str, seed: int) -> int:
 
 
 class LoraWeight(nn.Module):
-    """Holds one adapter matrix as ``.weight`` (like peft's nn.Linear), allocated without touching any RNG."""
+    """Holds one adapter matrix as ``.weight`` (like peft's nn.Linear), allocated without touching any RNG.
+
+    Layers use it by calling it, never by reading ``.weight`` directly: module hooks then see the use, and
+    megatron's DDP waits in a forward pre-hook for an overlapped parameter all-gather (--overlap-param-gather).
+    """
 
     def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(rows, cols, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """x·Wᵀ, or the weight itself when called without input (for fused kernels that take the matrix)."""
+        return self.weight if x is None else F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}x{self.weight.shape[1]}"
@@ -119,6 +127,8 @@ class _LoraParallelLinear(nn.Module):
         for p in (sharded, replicated):
             p.allreduce = True  # data-parallel reduction (megatron's flag; False only for expert params)
         self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else None
+        self.cclora_impl: str | None = None
+        """CCLoRA collectives: None picks by device (torch_npu fused ops on NPUs), 'generic' or 'npu' forces."""
         self.reset_lora_parameters("", 0)
 
     # ------------------------------------------------------------------ adapter parameters
@@ -233,7 +243,7 @@ class LoraColumnParallelLinear(_LoraParallelLinear):
         if self.lora_dropout is not None:
             with self._dropout_context(self.sequence_parallel):
                 x = self.lora_dropout(x)
-        a = F.linear(x, self.lora_a) * self.scaling
+        a = self.lora_A[ADAPTER](x) * self.scaling
         if self.tp_size > 1:
             if self.sequence_parallel:
                 # forward all-gather along s; backward reduce-scatter sums the partial da = g_i·B_i
@@ -242,7 +252,7 @@ class LoraColumnParallelLinear(_LoraParallelLinear):
             else:
                 # forward identity; backward all-reduce of the partial da = g_i·B_i
                 a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)
-        return out + F.linear(a, self.lora_b), bias
+        return out + self.lora_B[ADAPTER](a), bias
 
 
 class LoraRowParallelLinear(_LoraParallelLinear):
@@ -276,13 +286,13 @@ class LoraRowParallelLinear(_LoraParallelLinear):
         if self.lora_dropout is not None:
             with self._dropout_context(True):
                 x = self.lora_dropout(x)
-        a = F.linear(x, self.lora_a) * self.scaling  # partial sums over this rank's input features
+        a = self.lora_A[ADAPTER](x) * self.scaling  # partial sums over this rank's input features
         if self.tp_size > 1:
             if self.sequence_parallel:
                 a = reduce_scatter_to_sequence_parallel_region(a, group=self.tp_group)
             else:
                 a = reduce_from_tensor_model_parallel_region(a, group=self.tp_group)
-        return out + F.linear(a, self.lora_b), bias
+        return out + self.lora_B[ADAPTER](a), bias
 
 
 LORA_CLASSES = {"linear_qkv": LoraColumnParallelLinear, "linear_fc1": LoraColumnParallelLinear,

@@ -234,3 +234,69 @@ def _varlen(query, key, value, head_num, atten_mask, scale, keep_prob, actual_se
         maxes.append(row_max[0].transpose(0, 1).expand(-1, -1, 8))
         sums.append(row_sum[0].transpose(0, 1).expand(-1, -1, 8))
     return torch.cat(outs), torch.cat(maxes).contiguous(), torch.cat(sums).contiguous(), torch.empty(0), 0, 0, 0
+
+
+# Fused collective + matmul ops for tensor parallelism (npu_all_gather_base_mm, npu_mm_reduce_scatter_base).
+# Source: the torch_npu API reference (Ascend op-plugin docs). The real ops take an HCCL communicator name; here
+# the name is one handed out by fake_hccl_comm_name(group) (a test helper, not part of torch_npu), and the
+# collective runs through torch.distributed on that group (gloo in CPU tests).
+_FAKE_HCOM_GROUPS: dict = {}
+
+
+def fake_hccl_comm_name(group) -> str:
+    """Test helper standing in for ProcessGroupHCCL.get_hccl_comm_name: a name the fused ops below resolve."""
+    name = f"fake_hcom_{id(group)}"
+    _FAKE_HCOM_GROUPS[name] = group
+    return name
+
+
+def _check_collective_mm(op: str, x1: torch.Tensor, x2: torch.Tensor, hcom: str, world_size: int, bias,
+                         comm_turn: int):
+    if x1.dim() != 2 or x2.dim() != 2:
+        raise RuntimeError(f"{op}: inputs must be 2-D, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.dtype not in (torch.float16, torch.bfloat16) or x2.dtype != x1.dtype:
+        raise TypeError(f"{op}: dtypes {x1.dtype}/{x2.dtype}; expected float16 or bfloat16, both the same")
+    if x1.shape[1] != x2.shape[0]:
+        raise RuntimeError(f"{op}: k of {tuple(x1.shape)} and {tuple(x2.shape)} differ")
+    if not 256 <= x1.shape[1] < 65535:
+        raise RuntimeError(f"{op}: k={x1.shape[1]} outside [256, 65535)")
+    if not x1.is_contiguous():
+        raise RuntimeError(f"{op}: the first input must not be a transposed (non-contiguous) tensor")
+    if world_size not in (2, 4, 8):
+        raise RuntimeError(f"{op}: world_size {world_size}; Atlas A2 supports 2, 4, 8")
+    if bias is not None:
+        raise RuntimeError(f"{op}: bias is not supported")
+    if comm_turn != 0:
+        raise RuntimeError(f"{op}: comm_turn must be 0")
+    if hcom not in _FAKE_HCOM_GROUPS:
+        raise RuntimeError(f"{op}: unknown communicator {hcom!r}")
+    group = _FAKE_HCOM_GROUPS[hcom]
+    if torch.distributed.get_world_size(group) != world_size:
+        raise RuntimeError(f"{op}: world_size {world_size} != size of communicator {hcom!r}")
+    return group
+
+
+def npu_all_gather_base_mm(input, x2, hcom, world_size, *, bias=None, gather_index=0,  # noqa: A002
+                           gather_output=True, comm_turn=0):
+    """(allgather(input) @ x2, allgather(input)); input (m, k) gathered along dim 0 over the communicator."""
+    group = _check_collective_mm("npu_all_gather_base_mm", input, x2, hcom, world_size, bias, comm_turn)
+    if gather_index != 0:
+        raise RuntimeError("npu_all_gather_base_mm: only gather_index=0 is supported")
+    gathered = torch.empty((input.shape[0] * world_size, input.shape[1]), dtype=input.dtype)
+    torch.distributed.all_gather_into_tensor(gathered, input, group=group)
+    out = (gathered.float() @ x2.float()).to(input.dtype)
+    return out, (gathered if gather_output else torch.empty(0, dtype=input.dtype))
+
+
+def npu_mm_reduce_scatter_base(input, x2, hcom, world_size, *, reduce_op="sum", bias=None,  # noqa: A002
+                               comm_turn=0):
+    """reducescatter(input @ x2) along dim 0; m must divide by world_size."""
+    group = _check_collective_mm("npu_mm_reduce_scatter_base", input, x2, hcom, world_size, bias, comm_turn)
+    if reduce_op != "sum":
+        raise RuntimeError("npu_mm_reduce_scatter_base: only reduce_op='sum' is supported")
+    if input.shape[0] % world_size:
+        raise RuntimeError(f"npu_mm_reduce_scatter_base: m={input.shape[0]} not divisible by {world_size}")
+    partial = input.float() @ x2.float()
+    out = torch.empty((input.shape[0] // world_size, x2.shape[1]), dtype=torch.float32)
+    torch.distributed.reduce_scatter_tensor(out, partial, group=group)
+    return out.to(input.dtype)
