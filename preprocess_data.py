@@ -17,7 +17,7 @@ def main(argv=None):
     try:
         run_preprocess(PreprocessConfig.from_args(parse_args("preprocess_data", argv)))
     except KeyboardInterrupt:
-        print("preprocess_data: interrupted; nothing was written under the output names", file=sys.stderr)
+        print("preprocess_data: interrupted (outputs appear only when a run completes)", file=sys.stderr)
         sys.exit(130)
 
 

@@ -347,15 +347,24 @@ def _write_packs(cfg, state, staged, unpacked, stats: Stats) -> None:
 
 
 def _publish(moves: list[tuple[str, str]]) -> None:
-    """Rename staged files to their final names with Ctrl-C / SIGTERM held off, so that a run ends with
-    all files or none."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    """Rename staged files to their final names with Ctrl-C / SIGTERM deferred until all are in place, so a
+    run ends with all files or none. (Handlers, not a signal mask: CPython runs handlers in the main thread
+    whichever thread the OS picked.)"""
+    import threading
+
+    deferred = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, lambda signum, frame: deferred.append(signum))
+               for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for src, dst in moves:
             os.replace(src, dst)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if deferred:
+        signal.raise_signal(deferred[0])
 
 
 def _sigterm_as_exit():

@@ -400,3 +400,29 @@ def test_efficient_eos(tmp_path, tok_dir):
     n_p2 = len(tok.encode("\n", add_special_tokens=False)) + len(tok.encode("U:你好吗？\n", add_special_tokens=False))
     assert (y[start2 + 1:start2 + n_p2] == -100).all()
     assert (y[start2 + n_p2:] == x[start2 + n_p2:]).all() and x[-1] == tok.eos_token_id
+
+
+def test_every_flag_reaches_the_config():
+    from mindspeed_lora.arguments import parse_args
+
+    argv = ["--input", "a.jsonl#5", "--output-prefix", "o/p", "--handler-name", "SharegptStylePairwiseHandler",
+            "--map-keys", '{"messages": "m"}', "--json-keys", "t1", "t2", "--max-samples", "7", "--seed", "3",
+            "--model-name", "N", "--model-author", "A", "--skip-bad-samples", "--tokenizer-type", "PretrainedFromHF",
+            "--tokenizer-name-or-path", "tok", "--tokenizer-not-use-fast", "--prompt-type", "qwen3",
+            "--prompt-type-path", "t.json", "--enable-thinking", "false", "--seq-length", "128",
+            "--pad-to-multiple-of", "4", "--append-eod", "--workers", "3", "--log-interval", "9", "--no-progress",
+            "--overwrite-cache", "--cache-dir", "c"]
+    cfg = PreprocessConfig.from_args(parse_args("preprocess_data", argv))
+    assert (cfg.input, cfg.output_prefix, cfg.handler_name, cfg.map_keys, cfg.json_keys) == (
+        "a.jsonl#5", "o/p", "SharegptStylePairwiseHandler", '{"messages": "m"}', ("t1", "t2"))
+    assert (cfg.max_samples, cfg.seed, cfg.model_name, cfg.model_author, cfg.skip_bad_samples) == (7, 3, "N", "A", True)
+    assert (cfg.tokenizer_name_or_path, cfg.tokenizer_not_use_fast, cfg.prompt_type, cfg.prompt_type_path) == (
+        "tok", True, "qwen3", "t.json")
+    assert (cfg.enable_thinking, cfg.seq_length, cfg.pad_to_multiple_of, cfg.append_eod) == (False, 128, 4, True)
+    assert (cfg.workers, cfg.log_interval, cfg.progress, cfg.pack) == (3, 9, False, False)
+    packed = PreprocessConfig.from_args(parse_args("preprocess_data", argv[:4] + [
+        "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type", "qwen3", "--seq-length", "64",
+        "--neat-pack"]))
+    assert packed.pack and packed.neat_pack
+    with pytest.raises(SystemExit):  # a typo is an error, not a silently ignored flag
+        parse_args("preprocess_data", argv + ["--pakc"])

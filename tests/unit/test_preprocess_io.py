@@ -13,7 +13,7 @@ import pytest
 
 from mindspeed_lora.data import readers
 from mindspeed_lora.data.packing import greedy_knapsack
-from tests.unit.test_preprocess import decoded, preprocess, read_key, write_rows
+from tests.unit.test_preprocess import decoded, preprocess, read_key, spans, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_packing(tmp_path, tok_dir, neat):
         used = sum(lengths[i] for i in members)
         assert tok.decode(x[:used].tolist()) == "".join(singles[i]["text"] for i in members)
         assert (x[used:] == tok.pad_token_id).all() and (y[used:] == -100).all()
-        trained = [tok.decode(y[a:b].tolist()) for a, b in _runs(y)]
+        trained = [tok.decode(y[a:b].tolist()) for a, b in spans(y)]
         assert trained == [t for i in members for t in singles[i]["trained"]]
         if neat:
             expect = np.concatenate([np.full(lengths[i], k + 1) for k, i in enumerate(members)]
@@ -146,17 +146,6 @@ def test_packing(tmp_path, tok_dir, neat):
             assert (m == expect).all()
         else:
             assert (m == 1).all()
-
-
-def _runs(labels):
-    out, start = [], None
-    for i, v in enumerate(list(labels) + [-100]):
-        if v != -100 and start is None:
-            start = i
-        elif v == -100 and start is not None:
-            out.append((start, i))
-            start = None
-    return out
 
 
 def test_pad_to_multiple_of(tmp_path, tok_dir):
