@@ -94,17 +94,23 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, valid
 
 
+def sampling_generator(engine: InferenceEngine, cfg: GenerationConfig) -> torch.Generator:
+    """A generator seeded with ``cfg.seed`` on the engine's device; pass one to several ``generate`` calls to
+    continue its stream (a chat's replies), or let each call start from the seed."""
+    return torch.Generator(device=engine.device).manual_seed(cfg.seed)
+
+
 def generate(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig,
-             on_token: Callable[[int, list[int]], None] | None = None) -> list[Generated]:
+             on_token: Callable[[int, list[int]], None] | None = None,
+             generator: torch.Generator | None = None) -> list[Generated]:
     """Generate for a batch of token-id prompts; ``on_token(row, tokens_so_far)`` after each new token."""
+    if cfg.do_sample and generator is None:
+        generator = sampling_generator(engine, cfg)
     if cfg.num_beams > 1:
-        return beam_search(engine, prompts, cfg)
+        return beam_search(engine, prompts, cfg, generator)
     ids, valid = left_pad(prompts, cfg.pad_token_id)
     b = ids.shape[0]
     decoder = engine.decoder(b, ids.shape[1] + cfg.max_new_tokens, cfg.use_kv_cache)
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=engine.device).manual_seed(cfg.seed)
     outputs: list[list[int]] = [[] for _ in range(b)]
     stops: list[list[int] | None] = [None] * b
     try:
@@ -128,7 +134,8 @@ def generate(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationC
     return [Generated(out, "stop" if s is not None else "length", s or []) for out, s in zip(outputs, stops)]
 
 
-def beam_search(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig) -> list[Generated]:
+def beam_search(engine: InferenceEngine, prompts: list[list[int]], cfg: GenerationConfig,
+                generator: torch.Generator | None = None) -> list[Generated]:
     """Beam search with HF's semantics (early_stopping=False): per prompt, the best finished hypothesis.
 
     Each step takes the top 2·k (more with several stop tokens) continuations of all k beams by accumulated
@@ -144,9 +151,8 @@ def beam_search(engine: InferenceEngine, prompts: list[list[int]], cfg: Generati
     decoder = engine.decoder(b * k, prompt_len + cfg.max_new_tokens, cfg.use_kv_cache)
     n_stop = len(cfg.stop_token_ids)
     keep = max(2, 1 + n_stop) * k
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=engine.device).manual_seed(cfg.seed)
+    if cfg.do_sample and generator is None:
+        generator = sampling_generator(engine, cfg)
     neg = -1.0e9
     dev = engine.device
     stop_ids = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=dev)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.chat import ChatSession, interactive
-from mindspeed_lora.inference.generation import Generated, GenerationConfig, generate
+from mindspeed_lora.inference.generation import Generated, GenerationConfig, generate, sampling_generator
 from mindspeed_lora.inference.prompting import ChatFormat, StopTokens, chat_format, stop_tokens
 from mindspeed_lora.inference.streaming import TextStreamer
 
@@ -110,15 +110,16 @@ class Runner:
     def decode(self, out: Generated) -> str:
         return self.tokenizer.decode(out.content_tokens, skip_special_tokens=True)
 
-    def run_batch(self, prompts: list[list[int]], cfg: GenerationConfig, stream: bool) -> list[Generated]:
+    def run_batch(self, prompts: list[list[int]], cfg: GenerationConfig, stream: bool,
+                  generator=None) -> list[Generated]:
         if stream and len(prompts) == 1:
             streamer = TextStreamer(self.tokenizer, set(cfg.stop_token_ids)) if self.rank0 else None
-            outs = generate(self.engine, prompts, cfg,
+            outs = generate(self.engine, prompts, cfg, generator=generator,
                             on_token=(lambda row, toks: streamer.update(toks)) if streamer else None)
             if streamer:
                 streamer.finish(outs[0].content_tokens)
             return outs
-        return generate(self.engine, prompts, cfg)
+        return generate(self.engine, prompts, cfg, generator=generator)
 
     def run_requests(self, task: str, requests: list[Request]) -> list[dict]:
         """Every data-parallel rank generates its share; rank 0 gets all results, in input order."""
@@ -128,13 +129,15 @@ class Runner:
         dp, dp_rank = self.info.dp_size, self.info.dp_rank
         mine = list(range(len(requests)))[dp_rank::dp]
         stream = self.args.stream and dp == 1
+        # one random stream for the whole task: the same prompt twice gets two samples
+        generator = sampling_generator(self.engine, cfg) if cfg.do_sample else None
         results: dict[int, dict] = {}
         batch = 1 if stream else max(1, self.args.micro_batch_size)
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
             if stream and self.rank0:
                 print(f"\n[{task}] You:\n{requests[idx[0]].messages[-1]['content']}\n\nAssistant:", flush=True)
-            outs = self.run_batch([self.encode(requests[i].messages) for i in idx], cfg, stream)
+            outs = self.run_batch([self.encode(requests[i].messages) for i in idx], cfg, stream, generator)
             for i, out in zip(idx, outs):
                 results[i] = {**requests[i].record, "response": self.decode(out),
                               "finish_reason": out.finish_reason, "task": task}
@@ -147,8 +150,10 @@ class Runner:
         return [results[i] for i in range(len(requests))]
 
     def respond_chat(self, cfg: GenerationConfig):
+        generator = sampling_generator(self.engine, cfg)  # continues from reply to reply
+
         def respond(prompt_ids: list[int]) -> str:
-            outs = self.run_batch([prompt_ids], cfg, self.args.stream)
+            outs = self.run_batch([prompt_ids], cfg, self.args.stream, generator)
             text = self.decode(outs[0])
             if self.rank0 and not self.args.stream:
                 print(text, flush=True)

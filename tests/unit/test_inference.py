@@ -119,6 +119,20 @@ def test_sampling_equals_hf_with_the_same_seed(qwen3):
     assert ours != _ours(engine, prompts, do_sample=True, seed=78, **knobs)
 
 
+def test_a_shared_generator_continues_its_stream(qwen3):
+    """Chat replies and input-file batches share one generator: a repeated prompt gets a new sample."""
+    from mindspeed_lora.inference.generation import sampling_generator
+
+    _, engine = qwen3
+    prompt = _prompts((6,), seed=3)
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, seed=3)
+    g = sampling_generator(engine, cfg)
+    first = generate(engine, prompt, cfg, generator=g)[0].tokens
+    second = generate(engine, prompt, cfg, generator=g)[0].tokens
+    assert first == generate(engine, prompt, cfg)[0].tokens  # a fresh call starts at the seed
+    assert second != first
+
+
 @pytest.mark.parametrize("beams,penalty", [(2, 1.0), (3, 0.5)])
 def test_beam_search_equals_hf(qwen3, beams, penalty):
     hf, engine = qwen3
