@@ -132,7 +132,7 @@ def check_tp2_sp_equals_tp1(tmp):
     _tp_parity(tmp, sp=True)
 
 
-def check_init_is_the_same_at_tp1_and_tp2(tmp):
+def check_init_is_the_same_at_tp1_tp2_and_pp2(tmp):
     hf_dir = _hf_dir(tmp)
     tp1, _, _, _ = _build(hf_dir, 1, 1, False, _cfg())
     ref = fx.gather_full(tp1, 0)
@@ -140,8 +140,13 @@ def check_init_is_the_same_at_tp1_and_tp2(tmp):
     got = fx.gather_full(tp2, 0)
     assert set(got) == set(ref)
     for k, v in got.items():
-        assert torch.equal(v, ref[k]), k
+        assert torch.equal(v, ref[k]), f"tp=2: {k}"
         assert (v.abs().sum() > 0) == (".lora_A." in k), k
+    pp2, arch, par, info = _build(hf_dir, 1, 2, False, _cfg())
+    got = fx.gather_full(pp2, layer_offset(arch, par, info.pp_rank))
+    assert len(got) == len(ref) // 2
+    for k, v in got.items():
+        assert torch.equal(v, ref[k]), f"pp=2 stage {info.pp_rank}: {k}"
 
 
 def check_replicated_factors_stay_in_sync_with_dropout(tmp):
