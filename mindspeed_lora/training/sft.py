@@ -82,6 +82,9 @@ class SFTTrainer:
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)
         if self.source.kind == "megatron":
+            if self.source.metadata.get("lora"):
+                raise UserError(f"--load {cfg.model.load}: a LoRA adapter checkpoint; give the base model to --load "
+                                "and the adapter to --lora-load (with the same --lora-* settings)")
             model_setup.check_layout(self.source, self.arch, par)
         self.rank = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
                                verbose_patches=True)
@@ -91,7 +94,9 @@ class SFTTrainer:
         if cfg.lora is not None:
             from mindspeed_lora.training.lora_setup import LoraSetup
 
-            self.lora = LoraSetup(cfg.lora, self.arch, par)
+            self.lora = LoraSetup(cfg.lora, self.arch, par, cfg.seed)
+            if cfg.checkpoint.lora_load:  # before the slow part: a mismatched adapter fails at once
+                self.lora.check_checkpoint(cfg.checkpoint.lora_load)
         hooks = self.lora.spec_hooks() if self.lora else []
         options = model_setup.model_options(cfg, hooks)
         model, self.rope = model_setup.build_stage_model(self.arch, cfg, options, self.rank.is_first_stage,

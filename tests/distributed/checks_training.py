@@ -261,3 +261,95 @@ def check_checkpoint_of_other_layout_refused(tmp):
                       "tensor-model-parallel-size 1", "this run uses 2", "convert_ckpt.py")
     expect_user_error(fx.train_argv(save, p["toy"], iters=1, extra=["--num-layers", "4"]),
                       "a different model", "num_layers 2 vs 4")
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+LORA = ["--lora-target-modules", "all-linear", "--lora-r", "8", "--lora-alpha", "16"]
+
+
+def lora_argv(p: dict, extra: list[str] | None = None, iters: int = ITERS) -> list[str]:
+    return fx.train_argv(p["qwen3"], p["toy"], iters=iters, gbs=4, mbs=1, seq=32, lr=1e-2, extra=LORA + (extra or []))
+
+
+def _lora_parity(tmp: str, extra: list[str]) -> None:
+    root = root_of(tmp)
+    _, result = train(lora_argv(inputs(root), extra))
+    assert_close_to_ref(result, load_ref(root, "lora_qwen3"), "LoRA " + " ".join(extra))
+
+
+def check_lora_tp2_matches_single_rank(tmp):
+    _lora_parity(tmp, ["--tensor-model-parallel-size", "2"])
+
+
+def check_lora_tp2_sequence_parallel_matches_single_rank(tmp):
+    # replicated adapter halves (A of column-, B of row-parallel) see sequence shards: grads summed over TP
+    _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+
+
+def check_lora_dp2_distributed_optimizer_matches_single_rank(tmp):
+    _lora_parity(tmp, ["--use-distributed-optimizer"])
+
+
+def check_lora_full_recompute_pp2_trains_a_and_b_on_every_stage(tmp):
+    from mindspeed_lora.lora import adapter_state_dict
+
+    root = root_of(tmp)
+    p = inputs(root)
+    argv = lora_argv(p, ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+                         "--recompute-method", "uniform", "--recompute-num-layers", "1"])
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.training.config import training_config_from_args
+    from mindspeed_lora.training.sft import SFTTrainer
+
+    trainer = SFTTrainer(training_config_from_args(parse_args("posttrain_gpt", argv + [
+        "--loss-curve", os.path.join(tmp, "curve.png")])))
+    trainer.setup()
+    before = {k: v.detach().clone() for k, v in adapter_state_dict(trainer.model).items()}
+    result = trainer.train()
+    after = adapter_state_dict(trainer.model)
+    assert before and set(before) == set(after)
+    assert {k.split(".lora_")[1].split(".")[0] for k in before} == {"A", "B"}
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"stage {trainer.rank.pp_rank}: adapters not trained: {unchanged}"
+    frozen = [n for n, prm in trainer.model.named_parameters() if prm.requires_grad and ".lora_" not in n]
+    assert not frozen, frozen
+    assert_close_to_ref(result, load_ref(root, "lora_qwen3"), "LoRA PP2 full recompute")
+
+
+def check_lora_checkpoint_is_adapter_only_and_resumes_bitwise(tmp):
+    from mindspeed_lora.lora import is_lora_key
+
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "lora")
+    extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    _, full = train(lora_argv(p, extra + ["--save", save, "--save-interval", "3"], iters=6))
+    meta = json.load(open(os.path.join(save, "mindspeed_lora.json")))
+    assert meta["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False,
+                            "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}
+    for tp in (0, 1):
+        state = torch.load(os.path.join(save, "iter_0000003", f"mp_rank_{tp:02d}", "model_optim_rng.pt"),
+                           weights_only=True)
+        keys = set(state["model"])
+        assert keys and all(is_lora_key(k) and k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
+                            for k in keys), sorted(keys)
+        assert len(keys) == 2 * 4 * 2  # A and B x four linears x two layers
+    barrier_write_latest(save, 3)
+    _, resumed = train(lora_argv(p, extra + ["--lora-load", save], iters=6))
+    assert resumed.start_iteration == 3
+    assert [v for _, v in resumed.losses] == [v for i, v in full.losses if i > 3]
+    # --finetune with --lora-load: the adapter weights, but iteration 0 and a fresh optimizer
+    _, tuned = train(lora_argv(p, extra + ["--lora-load", save, "--finetune"], iters=2))
+    assert tuned.start_iteration == 0 and tuned.losses[0][1] < full.losses[0][1] - 1e-3
+
+
+def check_lora_checkpoint_of_another_rank_or_model_refused(tmp):
+    p = inputs(root_of(tmp))
+    save = os.path.join(tmp, "lora")
+    train(lora_argv(p, ["--save", save], iters=1))
+    bad_rank = fx.train_argv(p["qwen3"], p["toy"], iters=1, extra=[
+        "--lora-target-modules", "all-linear", "--lora-r", "4", "--lora-alpha", "16", "--lora-load", save])
+    expect_user_error(bad_rank, "--lora-load", "other LoRA settings", "r 8 vs 4")
+    other_model = fx.train_argv(p["qwen2"], p["toy"], iters=1, extra=LORA + ["--lora-load", save])
+    expect_user_error(other_model, "--lora-load", "a different model", "family 'qwen3' vs 'qwen2'")
+    expect_user_error(fx.train_argv(save, p["toy"], iters=1), "a LoRA adapter checkpoint", "--lora-load")

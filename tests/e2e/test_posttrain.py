@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -13,12 +14,19 @@ from tests import training_fixtures as fx
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_cli(argv, nproc=1, timeout=600):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(argv, nproc=1, timeout=300):
     env = dict(os.environ, MINDSPEED_LORA_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=ROOT)
     script = os.path.join(ROOT, "posttrain_gpt.py")
     cmd = [sys.executable, script, *argv] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0", script, *argv]
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+         script, *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -102,3 +110,27 @@ def test_bad_data_prefix_is_one_clear_line(inputs):
     assert proc.stderr.startswith("error: --data-path ") and "no_such_prefix_packed_input_ids_document.bin" \
         in proc.stderr and "preprocess_data.py" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_lora_cli_on_neat_packed_data_saves_adapters_only(inputs):
+    """The quickstart's tiny LoRA run, on data packed by preprocess_data.py --neat-pack, under torchrun."""
+    root = inputs["root"]
+    packed = preprocess(root, inputs["model"], "alpaca_packed", "--neat-pack")
+    save = root / "lora_save"
+    argv = ["--stage", "sft", "--load", inputs["model"], "--data-path", packed, "--tokenizer-name-or-path",
+            inputs["model"], "--prompt-type", "qwen3", "--seq-length", "128", "--neat-pack",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "8", "--lr", "5e-2",
+            "--lr-decay-style", "cosine", "--min-lr", "5e-3", "--lr-warmup-iters", "1", "--weight-decay", "0",
+            "--lora-r", "8", "--lora-alpha", "16", "--lora-target-modules", "all-linear",
+            "--tensor-model-parallel-size", "2", "--sequence-parallel", "--save", str(save), "--log-interval", "1"]
+    proc = run_cli(argv, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = losses_of(proc.stdout)
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert "(LoRA)" in proc.stdout and f"loss curve written to {save / 'loss_curve.png'}" in proc.stdout
+    meta = json.loads((save / "mindspeed_lora.json").read_text())
+    assert meta["lora"]["r"] == 8 and meta["tensor_model_parallel_size"] == 2
+    for tp in (0, 1):
+        state = torch.load(save / "iter_0000008" / f"mp_rank_{tp:02d}" / "model_optim_rng.pt", weights_only=True)
+        assert state["model"] and all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
+                                      for k in state["model"])

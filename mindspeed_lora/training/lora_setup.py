@@ -1,0 +1,99 @@
+"""LoRA in a training run: spec hook, adapter init and freezing, adapter checkpoints (save, load, checks).
+
+The adapters come from ``mindspeed_lora.lora``; this module ties them to the run: the layer-spec hook goes
+into the model build, ``prepare`` (after the base weights are loaded) initialises adapters from --seed by
+their global layer names (the same values at any TP/PP layout), freezes everything else and makes the
+first stage's block input require grad (full recompute), and ``load`` refuses an adapter checkpoint of
+another layout, model or LoRA shape before copying this rank's adapter shard.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.errors import UserError
+from mindspeed_lora.models.arch import ModelArch
+from mindspeed_lora.models.builder import ParallelOptions
+from mindspeed_lora.training.model import LoadSource, check_layout
+
+METADATA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
+# what must agree between an adapter checkpoint and the run (dropout may change between runs)
+SHAPE_KEYS = ("r", "alpha", "target_modules", "use_rslora")
+
+
+class LoraSetup:
+    def __init__(self, config, arch: ModelArch, parallel: ParallelOptions, seed: int):
+        self.config = config
+        self.arch = arch
+        self.parallel = parallel
+        self.seed = seed
+        self._embedding_hook = None
+
+    def spec_hooks(self) -> list:
+        from mindspeed_lora.lora import lora_spec_hook
+
+        return [lora_spec_hook(self.config)]
+
+    def prepare(self, model) -> None:
+        from mindspeed_lora.lora import prepare_lora_model
+
+        self._embedding_hook = prepare_lora_model(model, self.seed)
+
+    def metadata(self) -> dict:
+        d = self.config.to_dict()
+        return {k: d[k] for k in METADATA_KEYS}
+
+    def adapter_state(self, model) -> dict[str, torch.Tensor]:
+        from mindspeed_lora.lora import adapter_state_dict
+
+        return adapter_state_dict(model)
+
+    def check_checkpoint(self, path: str) -> None:
+        """Refuse an adapter checkpoint of another TP/PP layout, base model or LoRA shape."""
+        if not os.path.isdir(path):
+            raise UserError(f"--lora-load {path}: no such directory")
+        meta = megatron_io.read_metadata(path)
+        if meta is None:
+            raise UserError(f"--lora-load {path}: no {megatron_io.METADATA} (not a LoRA checkpoint of this project)")
+        check_layout(LoadSource(path, "megatron", meta), self.arch, self.parallel, what="--lora-load")
+        saved = meta.get("lora")
+        where = os.path.join(path, megatron_io.METADATA)
+        if not saved:
+            raise UserError(f"--lora-load {path}: {where} records no LoRA settings (a full-weight checkpoint? "
+                            "give it to --load instead)")
+        from mindspeed_lora.lora import LoraConfig
+
+        ck = LoraConfig.from_dict(saved, where)
+        diffs = [f"{k} {getattr(ck, k)!r} vs {getattr(self.config, k)!r}" for k in SHAPE_KEYS
+                 if getattr(ck, k) != getattr(self.config, k)]
+        if diffs:
+            raise UserError(f"--lora-load {path}: trained with other LoRA settings ({'; '.join(diffs)}; checkpoint "
+                            "vs this run's --lora-r / --lora-alpha / --lora-target-modules / --lora-use-rslora)")
+
+    def load(self, model, path: str, rank) -> tuple[str, dict]:
+        """Copy this rank's adapter shard into ``model``; returns (shard path, shard dict) for resuming."""
+        from mindspeed_lora.lora import adapter_state_dict, is_lora_key
+
+        self.check_checkpoint(path)
+        iter_dir = megatron_io.resolve_iteration_dir(path)
+        shard = megatron_io.shard_path(iter_dir, rank.tp_rank, rank.pp_rank, rank.pp_size)
+        state = megatron_io.load_shard(shard)
+        saved = state.get("model")
+        where = f"--lora-load {shard}"
+        if not isinstance(saved, dict):
+            raise UserError(f"{where}: shard has no 'model' state dict")
+        saved = {k: v for k, v in saved.items() if is_lora_key(k)}
+        params = adapter_state_dict(model, keep_vars=True)
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        if missing or unexpected:
+            raise UserError(f"{where}: adapter keys do not match the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for k, p in params.items():
+                t = saved[k]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))
+        return shard, state
