@@ -249,6 +249,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     final = {k: output_prefix(cfg.output_prefix, k, cfg.kind) for k in keys}
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    _note_leftovers(out_dir, os.path.basename(cfg.output_prefix))
     staging = os.path.join(out_dir, f".{os.path.basename(cfg.output_prefix)}.tmp-{os.getpid()}-"
                                     f"{uuid.uuid4().hex[:8]}")
     previous_term = _sigterm_as_exit()
@@ -272,6 +273,14 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     return summary
 
 
+def _note_leftovers(out_dir: str, base: str) -> None:
+    """A killed run leaves its staging directory; say so (not deleted: another machine may own it)."""
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith(f".{base}.tmp-"):
+            print(f"preprocess_data: {os.path.join(out_dir, name)} is left over from an interrupted run "
+                  "(safe to delete if no other run writes this prefix)", file=sys.stderr)
+
+
 def _write(cfg, state, sources, staged, stats: Stats) -> None:
     from tqdm import tqdm
 
@@ -286,7 +295,8 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
 
     records = readers.iter_records(sources, cfg.seed, cfg.max_samples, empty_file)
     tty = sys.stderr.isatty()
-    bar = tqdm(total=readers.known_total(sources, cfg.max_samples), unit=" samples", desc="preprocess",
+    total = readers.known_total(sources, cfg.max_samples) if cfg.progress else None
+    bar = tqdm(total=total, unit=" samples", desc="preprocess",
                disable=not cfg.progress, miniters=cfg.log_interval, mininterval=0.5 if tty else 30,
                dynamic_ncols=True)
     try:

@@ -176,3 +176,13 @@ def test_bad_templates_file(tmp_path, tok_dir):
     path.write_text("[{")
     m = error_of(tmp_path, src, tok_dir, prompt_type="x", prompt_type_path=str(path))
     assert m.startswith(f"--prompt-type-path {path}: not valid JSON")
+
+
+def test_leftover_staging_directory_is_reported(tmp_path, tok_dir, capsys):
+    src = write_rows(tmp_path / "data.jsonl", [GOOD])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".ds.tmp-99999-deadbeef").mkdir()  # what kill -9 leaves behind
+    run(tmp_path, src, tok_dir)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / '.ds.tmp-99999-deadbeef'} is left over from an interrupted run" in err
+    assert os.path.exists(tmp_path / "out" / "ds_packed_labels_document.idx")
