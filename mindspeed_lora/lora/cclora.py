@@ -356,28 +356,21 @@ def _check(layer, x: torch.Tensor) -> None:
         raise UserError(f"CCLoRA: input of shape {tuple(x.shape)}; expected [s, b, hidden]")
 
 
-def _factors(layer):
+def _fused_output(layer, x: torch.Tensor, sequence_parallel_fn, tensor_parallel_fn) -> torch.Tensor:
+    _check(layer, x)
     # Calling the adapter modules (not reading .weight) runs their forward pre-hooks: megatron's DDP waits there
     # for an overlapped parameter all-gather (--overlap-param-gather) before the weight is used.
-    return layer.lora_A["default"](), layer.lora_B["default"]()
-
-
-def _comm(layer):
-    return collectives_for(layer.tp_group, layer.base_layer.weight.device.type, getattr(layer, "cclora_impl", None))
+    args = (x, layer.base_layer.weight, layer.lora_A["default"](), layer.lora_B["default"](), layer.scaling)
+    if layer.tp_size == 1:
+        return NoTensorParallelLoRA.apply(*args)
+    comm = collectives_for(layer.tp_group, layer.base_layer.weight.device.type, layer.cclora_impl)
+    return (sequence_parallel_fn if layer.sequence_parallel else tensor_parallel_fn).apply(*args, comm)
 
 
 def column_forward(layer, x: torch.Tensor):
     """CCLoRA forward of a ``LoraColumnParallelLinear``: (out [s, b, out/t], bias or None)."""
-    _check(layer, x)
     base = layer.base_layer
-    lora_a, lora_b = _factors(layer)
-    args = (x, base.weight, lora_a, lora_b, layer.scaling)
-    if layer.tp_size == 1:
-        out = NoTensorParallelLoRA.apply(*args)
-    elif layer.sequence_parallel:
-        out = ColumnSequenceParallelLoRA.apply(*args, _comm(layer))
-    else:
-        out = ColumnParallelLoRA.apply(*args, _comm(layer))
+    out = _fused_output(layer, x, ColumnSequenceParallelLoRA, ColumnParallelLoRA)
     if base.bias is not None and not base.skip_bias_add:
         out = out + base.bias
     return out, base.bias if base.skip_bias_add else None
@@ -385,16 +378,8 @@ def column_forward(layer, x: torch.Tensor):
 
 def row_forward(layer, x: torch.Tensor):
     """CCLoRA forward of a ``LoraRowParallelLinear``: (out [s/t (SP) or s, b, out], bias or None)."""
-    _check(layer, x)
     base = layer.base_layer
-    lora_a, lora_b = _factors(layer)
-    args = (x, base.weight, lora_a, lora_b, layer.scaling)
-    if layer.tp_size == 1:
-        out = NoTensorParallelLoRA.apply(*args)
-    elif layer.sequence_parallel:
-        out = RowSequenceParallelLoRA.apply(*args, _comm(layer))
-    else:
-        out = RowParallelLoRA.apply(*args, _comm(layer))
+    out = _fused_output(layer, x, RowSequenceParallelLoRA, RowParallelLoRA)
     if base.skip_bias_add:
         return out, base.bias
     return (out + base.bias if base.bias is not None else out), None
