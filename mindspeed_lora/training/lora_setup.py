@@ -72,28 +72,11 @@ class LoraSetup:
             raise UserError(f"--lora-load {path}: trained with other LoRA settings ({'; '.join(diffs)}; checkpoint "
                             "vs this run's --lora-r / --lora-alpha / --lora-target-modules / --lora-use-rslora)")
 
-    def load(self, model, path: str, rank) -> tuple[str, dict]:
-        """Copy this rank's adapter shard into ``model``; returns (shard path, shard dict) for resuming."""
-        from mindspeed_lora.lora import adapter_state_dict, is_lora_key
+    def load(self, model, path: str, rank) -> tuple[str, dict | None]:
+        """Copy this rank's adapter shard into ``model``; returns (shard path, shard dict or None) for resuming."""
+        from mindspeed_lora.checkpoint import loading
+        from mindspeed_lora.training.checkpointing import read_training_state
 
         self.check_checkpoint(path)
-        iter_dir = megatron_io.resolve_iteration_dir(path)
-        shard = megatron_io.shard_path(iter_dir, rank.tp_rank, rank.pp_rank, rank.pp_size)
-        state = megatron_io.load_shard(shard)
-        saved = state.get("model")
-        where = f"--lora-load {shard}"
-        if not isinstance(saved, dict):
-            raise UserError(f"{where}: shard has no 'model' state dict")
-        saved = {k: v for k, v in saved.items() if is_lora_key(k)}
-        params = adapter_state_dict(model, keep_vars=True)
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unexpected:
-            raise UserError(f"{where}: adapter keys do not match the model: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                t = saved[k]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-                p.copy_(t.to(p.dtype))
-        return shard, state
+        loading.load_lora_weights(model, path, self.metadata(), self.parallel, rank.tp_rank, rank.pp_rank)
+        return read_training_state(path, rank)

@@ -16,7 +16,6 @@ from mindspeed_lora.checkpoint import megatron_io
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch, dtype_name
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model, layer_counts
-from mindspeed_lora.models.family import read_hf_config
 from mindspeed_lora.training import positions
 from mindspeed_lora.training.config import ModelSetup, TrainingConfig
 
@@ -49,12 +48,9 @@ def inspect_load_dir(path: str) -> LoadSource:
 
 def resolve_arch(source: LoadSource, setup: ModelSetup) -> ModelArch:
     """The checkpoint's architecture with command-line overrides applied and checked."""
-    if source.kind == "hf":
-        arch = ModelArch.from_hf_config(read_hf_config(source.path), os.path.join(source.path, "config.json"))
-    else:
-        if "arch" not in source.metadata:
-            raise UserError(f"{os.path.join(source.path, megatron_io.METADATA)}: missing key 'arch'")
-        arch = ModelArch.from_dict(source.metadata["arch"], os.path.join(source.path, megatron_io.METADATA))
+    from mindspeed_lora.checkpoint.loading import resolve_arch as checkpoint_arch
+
+    arch = checkpoint_arch(source.path)
     if setup.arch_overrides:
         arch = dataclasses.replace(arch, **setup.arch_overrides)
     where = f"--load {source.path}"
@@ -129,40 +125,12 @@ def checkpoint_weight_keys(model) -> dict[str, torch.Tensor]:
             if is_weight_key(k)}
 
 
-def load_megatron_weights(model, source: LoadSource, parallel: ParallelOptions, tp_rank: int, pp_rank: int,
-                          state: dict | None = None) -> None:
-    """Copy this rank's shard of a Megatron checkpoint (base weights, not adapters) into ``model``."""
-    if state is None:
-        iter_dir = megatron_io.resolve_iteration_dir(source.path)
-        path = megatron_io.shard_path(iter_dir, tp_rank, pp_rank, parallel.pipeline_model_parallel_size)
-        state = megatron_io.load_shard(path)
-    where = f"--load {source.path} (TP rank {tp_rank}, PP rank {pp_rank})"
-    saved = state.get("model")
-    if not isinstance(saved, dict):
-        raise UserError(f"{where}: shard has no 'model' state dict")
-    saved = {k: v for k, v in saved.items() if not k.endswith("_extra_state") and ".lora_" not in k}
-    params = checkpoint_weight_keys(model)
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise UserError(f"{where}: checkpoint keys do not match the model: missing {missing[:4]}, "
-                        f"unexpected {unexpected[:4]} (another model or layout?)")
-    with torch.no_grad():
-        for k, p in params.items():
-            t = saved[k]
-            if tuple(t.shape) != tuple(p.shape):
-                raise UserError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
-
-
 def load_base_weights(model, source: LoadSource, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
-                      pp_rank: int, state: dict | None = None) -> None:
-    if source.kind == "hf":
-        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
-        from mindspeed_lora.checkpoint.weight_map import load_hf_weights
+                      pp_rank: int) -> None:
+    """This rank's base weights from the HF dir or Megatron checkpoint (``checkpoint.loading``, streamed)."""
+    from mindspeed_lora.checkpoint import loading
 
-        load_hf_weights(model, HFCheckpointReader(source.path), arch, parallel, tp_rank, pp_rank)
-    else:
-        load_megatron_weights(model, source, parallel, tp_rank, pp_rank, state)
+    loading.load_base_weights(model, source.path, arch, parallel, tp_rank, pp_rank)
 
 
 def wrap_ddp(model, cfg: TrainingConfig):

@@ -101,11 +101,7 @@ class SFTTrainer:
         options = model_setup.model_options(cfg, hooks)
         model, self.rope = model_setup.build_stage_model(self.arch, cfg, options, self.rank.is_first_stage,
                                                          self.rank.is_last_stage)
-        base_state = None
-        if self.source.kind == "megatron":
-            self.base_shard_path, base_state = checkpointing.read_shard(self.source.path, self.rank)
-        model_setup.load_base_weights(model, self.source, self.arch, par, self.rank.tp_rank, self.rank.pp_rank,
-                                      base_state)
+        model_setup.load_base_weights(model, self.source, self.arch, par, self.rank.tp_rank, self.rank.pp_rank)
 
         # where a resumed run's optimizer, scheduler, RNG and data position come from
         resume_path, resume_state = None, None
@@ -113,10 +109,9 @@ class SFTTrainer:
             self.lora.prepare(model)
             if cfg.checkpoint.lora_load:
                 resume_path, resume_state = self.lora.load(model, cfg.checkpoint.lora_load, self.rank)
-        elif base_state is not None:
-            resume_path, resume_state = self.base_shard_path, base_state
-        self.resume = (resume_state is not None and not cfg.checkpoint.finetune
-                       and checkpointing.is_training_state(resume_state))
+        elif self.source.kind == "megatron" and not cfg.checkpoint.finetune:
+            resume_path, resume_state = checkpointing.read_training_state(self.source.path, self.rank)
+        self.resume = resume_state is not None and not cfg.checkpoint.finetune
         self.model = model
 
         self.ddp = model_setup.wrap_ddp(model, cfg)
@@ -137,7 +132,7 @@ class SFTTrainer:
                 load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng)
             _log(f"resuming from {resume_path} at iteration {self.iteration} "
                  f"({self.consumed} samples consumed)")
-        elif resume_state is not None and not checkpointing.is_training_state(resume_state):
+        elif resume_path is not None:
             _log(f"{resume_path} holds weights only: starting at iteration 0")
         self.tb = metrics.TensorBoardLog(cfg.logging.tensorboard_dir if dist.get_rank() == 0 else None)
         self.lora_training = self.lora is not None
