@@ -353,3 +353,43 @@ def check_lora_checkpoint_of_another_rank_or_model_refused(tmp):
     other_model = fx.train_argv(p["qwen2"], p["toy"], iters=1, extra=LORA + ["--lora-load", save])
     expect_user_error(other_model, "--lora-load", "a different model", "family 'qwen3' vs 'qwen2'")
     expect_user_error(fx.train_argv(save, p["toy"], iters=1), "a LoRA adapter checkpoint", "--lora-load")
+
+
+# --------------------------------------------------------------------------------------------- converter
+
+def _convert(*argv: str) -> None:
+    """convert_ckpt.py on global rank 0 (a separate process: it sets up its own world of one)."""
+    import subprocess
+    import sys
+
+    if dist.get_rank() == 0:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=root)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+            env.pop(k, None)
+        proc = subprocess.run([sys.executable, os.path.join(root, "convert_ckpt.py"), "--no-progress", *argv],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    dist.barrier()
+
+
+def check_converted_tp2_checkpoint_trains_and_its_lora_converts_back(tmp):
+    """convert_ckpt.py hf -> mg (TP=2) feeds training; the LoRA checkpoint training writes merges back to HF."""
+    root = root_of(tmp)
+    p = inputs(root)
+    mcore, lora, merged = (os.path.join(tmp, n) for n in ("mcore", "lora", "merged"))
+    _convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", p["qwen3"], "--save-dir", mcore,
+             "--target-tensor-parallel-size", "2")
+    _, result = train(fx.train_argv(mcore, p["toy"], iters=ITERS, gbs=4, mbs=1, seq=32, lr=1e-2,
+                                    extra=LORA + ["--tensor-model-parallel-size", "2", "--save", lora]))
+    assert_close_to_ref(result, load_ref(root, "lora_qwen3"), "LoRA from a converted TP2 checkpoint")
+    _convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mcore, "--lora-load", lora,
+             "--save-dir", merged)
+    if dist.get_rank() == 0:
+        from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
+
+        base, out = HFCheckpointReader(p["qwen3"]), HFCheckpointReader(merged)
+        name = "model.layers.1.mlp.down_proj.weight"
+        assert not torch.equal(base.read(name), out.read(name))  # the trained adapter was merged in
+        assert torch.equal(base.read("model.embed_tokens.weight"), out.read("model.embed_tokens.weight"))
