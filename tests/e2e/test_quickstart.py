@@ -65,7 +65,8 @@ def quickstart(tmp_path_factory):
 def test_quickstart_uses_the_checkout_it_was_run_from(quickstart):
     python = os.path.join(quickstart["checkout"], ".venv", "bin", "python")
     where = subprocess.run([python, "-c", "import mindspeed_lora; print(mindspeed_lora.__file__)"],
-                           capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout
+                           capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
+                           cwd=os.path.dirname(quickstart["work"])).stdout  # not a checkout: '' on sys.path
     assert where.startswith(quickstart["checkout"] + os.sep)
 
 
