@@ -67,6 +67,10 @@ class SFTTrainer:
         self.cfg = cfg
         self.lora = None  # LoRA glue (mindspeed_lora.training.lora_setup) when cfg.lora is set
 
+    # the data format: overridden by trainers of other stages (DPO reads pairwise files)
+    _check_data_prefix = staticmethod(check_data_prefix)
+    _open_dataset = staticmethod(SFTIndexedDataset)
+
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
@@ -77,7 +81,7 @@ class SFTTrainer:
 
         cfg = self.cfg
         par = cfg.parallel
-        check_data_prefix(cfg.data.data_path)  # before the slow imports: a typo fails in a second
+        self._check_data_prefix(cfg.data.data_path)  # before the slow imports: a typo fails in a second
         self.source = model_setup.inspect_load_dir(cfg.model.load)
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)
@@ -145,7 +149,7 @@ class SFTTrainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         d = cfg.data
-        self.dataset = SFTIndexedDataset(d.data_path)
+        self.dataset = self._open_dataset(d.data_path)
         self.dataset.check_fits(d.seq_length)
         self.train_order, self.valid_order = split_orders(len(self.dataset), d.split, d.seed, d.shuffle)
         if len(self.train_order) == 0:
