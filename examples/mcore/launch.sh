@@ -5,6 +5,7 @@
 #   launch_distributed LOG_NAME SCRIPT.py ARGS... torchrun over NPUS_PER_NODE x NNODES processes
 #   launch_single LOG_NAME SCRIPT.py ARGS...      one process (conversion, preprocessing)
 # Both tee stdout and stderr to logs/LOG_NAME.log (under the current directory) and fail when the script fails.
+# Wrappers end their command with "$@": flags given to a wrapper are added to the script's flags.
 #
 # Environment (defaults: one node of 8 devices): NPUS_PER_NODE (or GPUS_PER_NODE), NNODES, NODE_RANK,
 # MASTER_ADDR, MASTER_PORT; ASCEND_HOME (default /usr/local/Ascend). Multi-node: docs/multinode.md.

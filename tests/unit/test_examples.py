@@ -107,13 +107,17 @@ def invocations(path: str) -> list[Invocation]:
         values = assigned_values(f.read())
     values.update(assigned_values(text))
     found = []
+    pending = None  # (first line, text) of a command whose quoted string goes on over the next lines
     for n, line in logical_lines(text):
-        if line.lstrip().startswith("#"):
+        if pending is None and line.lstrip().startswith("#"):
             continue
+        n, line = (pending[0], pending[1] + "\n" + line) if pending else (n, line)
         try:
             words = shlex.split(substitute(line, values), comments=True)
-        except ValueError as e:  # unbalanced quotes: report it as this line's problem
-            raise AssertionError(f"{os.path.relpath(path, ROOT)}:{n}: cannot split the command: {e}") from e
+        except ValueError:
+            pending = (n, line)
+            continue
+        pending = None
         for i, w in enumerate(words):
             base = os.path.basename(w)
             if base.endswith(".py") and base[:-3] in SCRIPT_GROUPS:
@@ -121,8 +125,10 @@ def invocations(path: str) -> list[Invocation]:
                 for a in words[i + 1:]:
                     if a in _END_OF_COMMAND or a.startswith((">", "2>")):
                         break
-                    argv.append(a)
+                    if a not in ("$@", "$*"):  # the wrapper's own arguments, added by its user
+                        argv.append(a)
                 found.append(Invocation(path, n, base[:-3], argv))
+    assert pending is None, f"{os.path.relpath(path, ROOT)}:{pending[0]}: unbalanced quotes"
     return found
 
 
@@ -302,3 +308,9 @@ def test_the_read_check_can_fail():
     flow, _ = argument_module_flow()
     assert "target_tp" in flow["target_tensor_parallel_size"]
     assert flag_is_read("convert_ckpt", "target_tensor_parallel_size")
+
+
+def test_the_quickstart_runs_every_script():
+    found = invocations(os.path.join(EXAMPLES, "mcore", "tiny", "quickstart.sh"))
+    assert [inv.script for inv in found] == ["preprocess_data", "convert_ckpt", "posttrain_gpt", "convert_ckpt",
+                                             "inference", "evaluation"]

@@ -45,4 +45,5 @@ launch_distributed tune_llama3_8b_4K_full posttrain_gpt.py \
     --bf16 \
     --seed 42 \
     --log-interval 1 \
-    --save-interval "$SAVE_INTERVAL"
+    --save-interval "$SAVE_INTERVAL" \
+    "$@"

@@ -21,4 +21,5 @@ launch_single data_convert_qwen25_7b_instruction preprocess_data.py \
     --prompt-type qwen \
     --seq-length "$SEQ_LENGTH" \
     --workers "$WORKERS" \
-    --log-interval 1000
+    --log-interval 1000 \
+    "$@"

@@ -25,4 +25,5 @@ launch_distributed generate_qwen25_7b_lora inference.py \
     --max-new-tokens "$MAX_NEW_TOKENS" \
     --micro-batch-size 1 \
     --bf16 \
-    --seed 42
+    --seed 42 \
+    "$@"

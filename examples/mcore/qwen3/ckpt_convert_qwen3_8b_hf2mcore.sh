@@ -20,4 +20,5 @@ launch_single ckpt_convert_qwen3_8b_hf2mcore convert_ckpt.py \
     --save-dir "$MCORE_DIR" \
     --target-tensor-parallel-size "$TP" \
     --target-pipeline-parallel-size "$PP" \
-    --params-dtype bf16
+    --params-dtype bf16 \
+    "$@"

@@ -16,4 +16,5 @@ launch_single ckpt_convert_qwen3_8b_mcore2hf_lora convert_ckpt.py \
     --model-type-hf qwen3 \
     --load-dir "$CKPT_LOAD_DIR" \
     --lora-load "$LORA_LOAD_DIR" \
-    --save-dir "$SAVE_DIR"
+    --save-dir "$SAVE_DIR" \
+    "$@"

@@ -25,4 +25,5 @@ launch_distributed evaluate_qwen3_8b_lora evaluation.py \
     --seq-length "$SEQ_LENGTH" \
     --micro-batch-size 4 \
     --bf16 \
-    --eval-output-dir "$EVAL_OUTPUT_DIR"
+    --eval-output-dir "$EVAL_OUTPUT_DIR" \
+    "$@"

@@ -18,6 +18,7 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 source "$(dirname "$0")/../launch.sh"
 require_paths CKPT_LOAD_DIR CKPT_SAVE_DIR DATA_PATH
 
+# --lora-fusion (CCLoRA) overlaps the adapters' matmuls with the TP collectives (docs/lora.md)
 launch_distributed tune_qwen3_8b_4K_lora posttrain_gpt.py \
     --stage sft \
     --load "$CKPT_LOAD_DIR" \
@@ -44,4 +45,5 @@ launch_distributed tune_qwen3_8b_4K_lora posttrain_gpt.py \
     --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 \
     --seed 42 \
     --log-interval 1 \
-    --save-interval "$SAVE_INTERVAL"
+    --save-interval "$SAVE_INTERVAL" \
+    "$@"
