@@ -32,10 +32,29 @@ def file_prefix(data_path: str, key: str) -> str:
     return f"{data_path}_packed_{key}_document"
 
 
+def missing_files(data_path: str, keys=KEYS) -> list[str]:
+    """The ``{prefix}_packed_{key}_document.bin/.idx`` files of ``keys`` that do not exist."""
+    return [p + ext for key in keys for p in [file_prefix(data_path, key)] for ext in (".bin", ".idx")
+            if not os.path.isfile(p + ext)]
+
+
+def open_indexed(data_path: str, keys=KEYS) -> dict:
+    """{key: megatron IndexedDataset} of one prefix; an unreadable file is a UserError naming it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = {}
+    for key in keys:
+        try:
+            parts[key] = IndexedDataset(file_prefix(data_path, key))
+        except Exception as e:  # megatron asserts on a bad header
+            raise UserError(f"{file_prefix(data_path, key)}.idx: not a readable Megatron indexed dataset "
+                            f"({e})") from e
+    return parts
+
+
 def check_data_prefix(data_path: str) -> None:
     """Refuse a ``--data-path`` whose six files are not all there (cheap: no file is opened)."""
-    missing = [p + ext for key in KEYS for p in [file_prefix(data_path, key)] for ext in (".bin", ".idx")
-               if not os.path.isfile(p + ext)]
+    missing = missing_files(data_path)
     if missing:
         hint = ""
         if os.path.isfile(f"{data_path}_text_document.idx"):
@@ -49,17 +68,9 @@ class SFTIndexedDataset:
     """The three aligned indexed datasets of one ``--data-path`` prefix; ``ds[i]`` is a dict of int64 arrays."""
 
     def __init__(self, data_path: str):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         self.data_path = data_path
         check_data_prefix(data_path)
-        self._parts = {}
-        for key in KEYS:
-            try:
-                self._parts[key] = IndexedDataset(file_prefix(data_path, key))
-            except Exception as e:  # megatron asserts on a bad header
-                raise UserError(f"{file_prefix(data_path, key)}.idx: not a readable Megatron indexed dataset "
-                                f"({e})") from e
+        self._parts = open_indexed(data_path)
         lengths = {key: np.asarray(ds.sequence_lengths) for key, ds in self._parts.items()}
         n = len(lengths["input_ids"])
         for key in KEYS[1:]:
