@@ -21,6 +21,7 @@ _LAZY = {
     "adapter_state_dict": "spec",
     "require_embedding_output_grad": "spec",
     "prepare_lora_model": "spec",
+    "adapters_disabled": "toggle",
 }
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "expand_targets", "lora_config_from_args", *_LAZY]

@@ -127,6 +127,8 @@ class _LoraParallelLinear(nn.Module):
         for p in (sharded, replicated):
             p.allreduce = True  # data-parallel reduction (megatron's flag; False only for expert params)
         self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else None
+        self.adapter_enabled = True
+        """False: forward is the base layer's alone (``toggle.adapters_disabled``, DPO's reference model)."""
         self.cclora_impl: str | None = None
         """CCLoRA collectives: None picks by device (torch_npu fused ops on NPUs), 'generic' or 'npu' forces."""
         self.reset_lora_parameters("", 0)
@@ -235,6 +237,8 @@ class LoraColumnParallelLinear(_LoraParallelLinear):
         """x [s/t (SP) or s, b, in] -> (out [s, b, out/t], bias or None)."""
         if weight is not None or runtime_gather_output:
             raise UserError("LoRA linears take no external weight and do not gather their output")
+        if not self.adapter_enabled:
+            return self.base_layer(x)
         if self.fusion:
             from mindspeed_lora.lora.cclora import column_forward
 
@@ -278,6 +282,8 @@ class LoraRowParallelLinear(_LoraParallelLinear):
 
     def forward(self, x: torch.Tensor):
         """x [s, b, in/t] -> (out [s/t (SP) or s, b, out], bias or None)."""
+        if not self.adapter_enabled:
+            return self.base_layer(x)
         if self.fusion:
             from mindspeed_lora.lora.cclora import row_forward
 

@@ -11,10 +11,13 @@ def run_from_args(args):
     for message in (r".*(Apex|Transformer Engine).* (is|are) not installed", r"full scope is deprecated"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     from mindspeed_lora.parallel import shutdown
-    from mindspeed_lora.training.config import training_config_from_args
-    from mindspeed_lora.training.sft import run
+    if args.stage == "dpo":
+        from mindspeed_lora.dpo.trainer import config_from_args, run
+    else:
+        from mindspeed_lora.training.config import training_config_from_args as config_from_args
+        from mindspeed_lora.training.sft import run
 
-    cfg = training_config_from_args(args)
+    cfg = config_from_args(args)
     try:
         return run(cfg)
     finally:
