@@ -36,6 +36,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+if [ "$NNODES" -gt 1 ] && { [ "$MASTER_ADDR" = localhost ] || [ "$MASTER_ADDR" = 127.0.0.1 ]; }; then
+    echo "error: NNODES=$NNODES needs MASTER_ADDR set to node 0's address on every node (docs/multinode.md)" >&2
+    exit 1
+fi
 
 ms_on_npu() {
     command -v npu-smi >/dev/null 2>&1 || [ -e /dev/davinci0 ]
