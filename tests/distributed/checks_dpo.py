@@ -1,0 +1,158 @@
+"""posttrain_gpt.py --stage dpo on 2 gloo ranks (one launch; see test_dpo.py).
+
+Oracles: HF transformers + peft log-probs fed to the DPO formulas written out here (not ``dpo.loss``), and the
+same DPO run at TP=1 (2 data-parallel ranks) for the TP=2 / TP=2+SP / PP=2 layouts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from tests import dpo_fixtures as dfx
+from tests import lora_fixtures as lfx
+from tests import training_fixtures as fx
+
+LORA = ["--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
+        "--lora-r", str(lfx.R), "--lora-alpha", str(lfx.ALPHA)]
+
+
+def inputs(tmp: str) -> dict:
+    base = os.path.join(os.path.dirname(os.path.abspath(tmp)), "inputs")
+    paths = {"model": os.path.join(base, "hf_qwen3"), "data": os.path.join(base, "data", "pref")}
+    done = os.path.join(base, "done")
+    if dist.get_rank() == 0 and not os.path.exists(done):
+        fx.tiny_model_dir(base, "qwen3")
+        dfx.write_pairwise_data(paths["data"], dfx.preference_pairs(64, seed=0))
+        open(done, "w").close()
+    dist.barrier()
+    return paths
+
+
+def trainer_for(argv: list[str]):
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.dpo.trainer import DPOTrainer, config_from_args
+
+    argv = [*argv, "--loss-curve", os.path.join(tempfile.mkdtemp(prefix="curve"), "c.png")]
+    cfg = config_from_args(parse_args("posttrain_gpt", argv))
+    trainer = DPOTrainer(cfg.training, cfg.dpo)
+    trainer.setup()
+    return trainer
+
+
+def train(argv: list[str]):
+    trainer = trainer_for(argv)
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer.history
+
+
+# --------------------------------------------------------------------------------------------- oracle
+
+def _hf_logps(model, sample: dict, side: str) -> tuple[float, int]:
+    """Sum of log p(response token) and the response length, from the HF model's logits."""
+    ids = torch.as_tensor(sample[side]["input_ids"]).long()
+    labels = torch.as_tensor(sample[side]["labels"]).long()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+    targets = [t for t in range(1, len(ids)) if labels[t] != -100]
+    return sum(logp[t - 1, ids[t]].item() for t in targets), len(targets)
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _oracle(kind: str, beta: float, eps: float, ftx: float, pol: list, ref: list) -> dict:
+    """pol / ref: per pair (chosen logp, chosen len, rejected logp, rejected len)."""
+    losses, rc, rr = [], [], []
+    for (pc, lc, pr, lr), (qc, _, qr, _) in zip(pol, ref):
+        if kind == "ipo":
+            h = (pc / lc - pr / lr) - (qc / lc - qr / lr)
+            loss = (h - 1 / (2 * beta)) ** 2
+        else:
+            h = (pc - pr) - (qc - qr)
+            loss = (-(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h) if kind == "sigmoid"
+                    else max(0.0, 1 - beta * h))
+        losses.append(loss - ftx * pc / lc)
+        rc.append(beta * (pc - qc))
+        rr.append(beta * (pr - qr))
+    n = len(pol)
+    return {"loss": sum(losses) / n, "rewards/chosen": sum(rc) / n, "rewards/rejected": sum(rr) / n,
+            "rewards/accuracy": sum(c > r for c, r in zip(rc, rr)) / n,
+            "rewards/margin": sum(c - r for c, r in zip(rc, rr)) / n,
+            "logps/chosen": sum(p[0] for p in pol) / n, "logps/rejected": sum(p[2] for p in pol) / n}
+
+
+def check_loss_and_rewards_equal_hf_peft_oracle_tp2(tmp):
+    """TP=2, LoRA with peft's random nonzero adapters: policy = peft model, reference = its base (peft's
+    disable_adapter, independent of our toggle); every loss type within 1e-5."""
+    from mindspeed_lora.dpo.loss import DPOConfig
+
+    p = inputs(tmp)
+    trainer = trainer_for(dfx.dpo_argv(p["model"], p["data"], gbs=4, mbs=2, extra=[
+        "--tensor-model-parallel-size", "2", *LORA]))
+    peft = lfx.peft_model(p["model"], seed=3).eval()
+    lfx.load_adapters(trainer.model, lfx.peft_full(peft, trainer.arch), 0, 2, trainer.rank.tp_rank)
+    samples = [trainer.dataset[i] for i in trainer.train_order.sample_at(list(range(4)))]
+    pol, ref = [], []
+    for s in samples:
+        pol.append(_hf_logps(peft, s, "chosen") + _hf_logps(peft, s, "rejected"))
+        with peft.disable_adapter():
+            ref.append(_hf_logps(peft, s, "chosen") + _hf_logps(peft, s, "rejected"))
+    assert any(abs(a[0] - b[0]) > 1e-2 for a, b in zip(pol, ref)), "adapters must change the log-probs"
+    for kind, beta, eps, ftx in (("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.3), ("ipo", 0.3, 0.0, 0.0),
+                                 ("hinge", 0.1, 0.0, 0.0)):
+        trainer.dpo = DPOConfig(beta=beta, loss_type=kind, label_smoothing=eps, pref_ftx=ftx)
+        for c in trainer.chunks:
+            c.eval()
+        with torch.no_grad():
+            loss = trainer._reduce_loss(trainer._run_microbatches(trainer._batches(trainer.train_order, 0), True))
+        want = _oracle(kind, beta, eps, ftx, pol, ref)
+        got = dict(trainer.last_metrics)
+        assert abs(loss - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (kind, loss, want["loss"])
+        for k, v in want.items():
+            assert abs(got[k] - v) <= 1e-5 * max(1.0, abs(v)), f"{kind} {k}: ours {got[k]!r} vs oracle {v!r}"
+    trainer.cleanup()
+
+
+# --------------------------------------------------------------------------------------------- layouts
+
+def _assert_same_history(got, want, what):
+    assert len(got) == len(want) == 3, (what, got, want)
+    for (i, g), (_, w) in zip(got, want):
+        for k, v in w.items():
+            assert abs(g[k] - v) <= 1e-5 * max(1.0, abs(v)), f"{what} iteration {i} {k}: {g[k]!r} vs TP=1 {v!r}"
+
+
+def check_tp2_sp_and_pp2_train_like_tp1(tmp):
+    """Three DPO steps (full fine-tuning and LoRA): TP=2, TP=2+SP, PP=2 give TP=1's losses and metrics."""
+    p = inputs(tmp)
+
+    def argv(extra):
+        return dfx.dpo_argv(p["model"], p["data"], iters=3, gbs=4, mbs=1, lr=1e-2, extra=["--dpo-beta", "0.5",
+                                                                                          *extra])
+
+    full_tp1 = train(argv([]))
+    assert full_tp1[-1][1]["loss"] != full_tp1[0][1]["loss"], "the policy must move away from the reference"
+    _assert_same_history(train(argv(["--tensor-model-parallel-size", "2"])), full_tp1, "full FT TP=2")
+    lora_tp1 = train(argv(LORA))
+    _assert_same_history(train(argv(["--tensor-model-parallel-size", "2", "--sequence-parallel", *LORA])),
+                         lora_tp1, "LoRA TP=2 SP")
+    _assert_same_history(train(argv(["--pipeline-model-parallel-size", "2", *LORA])), lora_tp1, "LoRA PP=2")
+
+
+def check_training_learns_the_preference(tmp):
+    """Chosen responses follow one pattern, rejected another: accuracy ends above 0.9 and the margin grows."""
+    p = inputs(tmp)
+    history = train(dfx.dpo_argv(p["model"], p["data"], iters=16, gbs=8, mbs=2, lr=1e-2, extra=[
+        "--dpo-beta", "0.5", "--tensor-model-parallel-size", "2"]))
+    acc = [m["rewards/accuracy"] for _, m in history]
+    margin = [m["rewards/margin"] for _, m in history]
+    assert min(acc[-3:]) > 0.9, acc
+    assert sum(margin[-3:]) / 3 > 1.0 > margin[1], margin
