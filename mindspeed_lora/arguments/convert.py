@@ -104,6 +104,8 @@ class ConvertConfig:
                             "adapter, give its directory as --load-dir with --load-model-type hf")
         if self.precision_threshold <= 0:
             raise UserError(f"--precision-threshold {self.precision_threshold}: expected > 0")
+        if os.path.realpath(self.save_dir) == os.path.realpath(self.load_dir):
+            raise UserError(f"--save-dir {self.save_dir} is --load-dir: write the conversion somewhere else")
         for what, path in (("--load-dir", self.load_dir), ("--lora-load", self.lora_load),
                            ("--hf-cfg-dir", self.hf_cfg_dir), ("--tokenizer-model", self.tokenizer_dir)):
             if path is not None and not os.path.isdir(path):

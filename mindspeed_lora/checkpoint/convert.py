@@ -35,7 +35,7 @@ from mindspeed_lora.checkpoint.hf_writer import (
     write_hf_config,
 )
 from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig, adapter_rules
-from mindspeed_lora.checkpoint.lora_merge import merged_parts
+from mindspeed_lora.checkpoint.lora_merge import is_adapted, merged_parts
 from mindspeed_lora.checkpoint.peft_adapter import export_adapter, is_peft_adapter_dir, read_adapter
 from mindspeed_lora.checkpoint.sharding import read_shard
 from mindspeed_lora.checkpoint.sources import (
@@ -50,7 +50,7 @@ from mindspeed_lora.checkpoint.weight_map import BoundRule, stage_rules
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch, dtype_from_name, dtype_name
 from mindspeed_lora.models.builder import ParallelOptions, layer_counts
-from mindspeed_lora.models.family import GATE_UP, QKV, VOCAB, read_hf_config
+from mindspeed_lora.models.family import COLUMN, GATE_UP, QKV, VOCAB, read_hf_config
 
 MG2HF_SUBDIR = "mg2hf"
 
@@ -122,7 +122,10 @@ def _target_parallel(cfg: ConvertConfig, arch: ModelArch) -> ParallelOptions:
     if cfg.num_layer_list is not None and cfg.target_pp == 1 and cfg.num_layer_list != [arch.num_layers]:
         raise UserError(f"--num-layer-list {cfg.num_layer_list} needs --target-pipeline-parallel-size "
                         f"{len(cfg.num_layer_list)}")
-    layer_counts(arch, parallel)  # refuses a PP size or layer list that does not fit the model
+    try:
+        layer_counts(arch, parallel)  # refuses a PP size or layer list that does not fit the model
+    except UserError as e:
+        raise UserError(str(e).replace("--pipeline-model-parallel-size", "--target-pipeline-parallel-size")) from e
     return parallel
 
 
@@ -193,6 +196,12 @@ def write_hf_model(view: MegatronAsHF, root: str, dtype: torch.dtype, max_shard_
         bar.update(1)
         if not names:
             continue  # the last stage's copy of a tied embedding
+        if rule.kind in (VOCAB, COLUMN) and not (lora and is_adapted(rule, lora)):
+            # merge_shards of a row-split tensor is the TP shards stacked: write them one after the other
+            # instead of building the whole (the embedding and output layer are the largest tensors)
+            writer.write_parts(names[0], (view.ckpt.read(tp, pp, rule.mcore_key).to(dtype)
+                                          for tp in range(view.ckpt.tp)))
+            continue
         parts = view.merged(pp, rule)
         parts = merged_parts(rule, parts, adapter, lora, dtype) if lora else [p.to(dtype) for p in parts]
         for name, t in zip(rule.hf_names, parts):
@@ -452,7 +461,7 @@ def export_lora(cfg: ConvertConfig) -> ConvertResult:
     ckpt.check_keys(False, lora)
     view = MegatronAsHF(ckpt, base=False, lora=lora)
     dtype = dtype_from_name(cfg.params_dtype) if cfg.params_dtype else None
-    base_model = cfg.hf_cfg_dir or (os.path.abspath(cfg.load_dir) if cfg.lora_load else None)
+    base_model = os.path.abspath(cfg.hf_cfg_dir) if cfg.hf_cfg_dir else None  # the HF base, when named
     with StagedDir(_hf_output_dir(cfg), cfg.overwrite) as out:
         with _bar(cfg, len(view.keys()), "LoRA -> PEFT adapter") as bar:
             export_adapter(view, lora, out.path, dtype, base_model, bar)

@@ -104,15 +104,26 @@ class SafetensorsWriter:
         self._left_in_shard = len(ps)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts) -> None:
+        """Write the tensor ``torch.cat(parts, dim=0)`` without building it: its row blocks, one at a time."""
         if self._next >= len(self.plan):
             raise AssertionError(f"{name}: every planned tensor is already written")
         p = self.plan[self._next]
-        if name != p.name or tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
-            raise AssertionError(f"wrote {name} {tuple(tensor.shape)} {tensor.dtype}; planned "
-                                 f"{p.name} {p.shape} {p.dtype}")
+        if name != p.name:
+            raise AssertionError(f"wrote {name}; planned {p.name}")
         if self._left_in_shard == 0:
             self._open_next_shard()
-        _write_tensor(self._f, tensor)
+        rows = 0
+        for t in parts:
+            if tuple(t.shape[1:]) != p.shape[1:] or t.dtype != p.dtype:
+                raise AssertionError(f"{name}: part {tuple(t.shape)} {t.dtype} does not fit {p.shape} {p.dtype}")
+            _write_tensor(self._f, t)
+            rows += t.shape[0] if t.dim() else 1
+            del t  # before the next part is produced: one part in memory at a time
+        if rows != (p.shape[0] if p.shape else 1):
+            raise AssertionError(f"{name}: wrote {rows} rows of {p.shape}")
         self._next += 1
         self._left_in_shard -= 1
         if self._left_in_shard == 0:

@@ -100,7 +100,7 @@ class HFSource(TensorSource):
     resident set near ``remap_bytes`` instead of growing to the model's size.
     """
 
-    def __init__(self, model_dir: str, remap_bytes: int = 512 * 2**20):
+    def __init__(self, model_dir: str, remap_bytes: int = 256 * 2**20):
         self.model_dir = model_dir
         self.remap_bytes = remap_bytes
         self._reader = HFCheckpointReader(model_dir)

@@ -206,6 +206,11 @@ def test_existing_save_dir_is_not_overwritten_silently(hf_dir, tmp_path):
     assert (empty / "latest_checkpointed_iteration.txt").exists()
 
 
+def test_save_dir_may_not_be_the_load_dir(hf_dir):
+    with pytest.raises(UserError, match="is --load-dir"):
+        ConvertConfig("hf", "mg", hf_dir, hf_dir + "/", overwrite=True)
+
+
 def test_output_appears_only_when_complete(hf_dir, tmp_path, monkeypatch):
     """A conversion that dies midway leaves neither the final dir nor a staging dir."""
     calls = []
