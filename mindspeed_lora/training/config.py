@@ -219,7 +219,8 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 def _check_compat(args: argparse.Namespace) -> None:
     if args.stage != "sft":
-        raise UserError(f"--stage {args.stage}: not supported by posttrain_gpt.py yet (supported: sft)")
+        raise UserError(f"--stage {args.stage}: the SFT trainer's config takes --stage sft (posttrain_gpt.py "
+                        "routes dpo to mindspeed_lora.dpo)")
     if args.transformer_impl == "transformer_engine":
         raise UserError("--transformer-impl transformer_engine: not supported; layers come from this project's "
                         "spec (use --transformer-impl local, the default)")

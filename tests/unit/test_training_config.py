@@ -59,7 +59,7 @@ BASE = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-i
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("--stage dpo", "--stage dpo: not supported"),
+    ("--stage dpo", "--stage dpo: the SFT trainer's config takes --stage sft"),
     ("--bf16 --fp16", "--bf16 or --fp16"),
     ("--transformer-impl transformer_engine", "transformer_engine: not supported"),
     ("--train-epochs 2", "exactly one of --train-iters and --train-epochs"),
