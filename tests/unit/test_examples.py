@@ -14,6 +14,8 @@ import io
 import os
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -314,3 +316,85 @@ def test_the_quickstart_runs_every_script():
     found = invocations(os.path.join(EXAMPLES, "mcore", "tiny", "quickstart.sh"))
     assert [inv.script for inv in found] == ["preprocess_data", "convert_ckpt", "posttrain_gpt", "convert_ckpt",
                                              "inference", "evaluation"]
+
+
+# --------------------------------------------------------------------------------------- wrappers run in bash
+
+_PRINTER = "#!/bin/sh\nprintf 'env ASCEND_RT_VISIBLE_DEVICES=%s HCCL_CONNECT_TIMEOUT=%s TOOLKIT=%s\\0' " \
+           "\"$ASCEND_RT_VISIBLE_DEVICES\" \"$HCCL_CONNECT_TIMEOUT\" \"$FAKE_TOOLKIT_SOURCED\"\n" \
+           "printf '%s\\0' \"$@\"\n"
+
+
+def wrappers() -> list[str]:
+    return [p for p in example_scripts() if os.path.dirname(p) != os.path.join(EXAMPLES, "mcore", "tiny")
+            and p != LAUNCHER]
+
+
+def run_wrapper(path: str, tmp, *args: str, fill_paths: bool = True, **env_overrides):
+    """Run the wrapper with bash, python and torchrun replaced by a program that prints its argv (NUL-separated)
+    and the NPU variables it sees; returns (process, launched command or None)."""
+    printer = tmp / "print_argv"
+    printer.write_text(_PRINTER)
+    printer.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NPUS_PER_NODE", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "ASCEND_RT_VISIBLE_DEVICES", "HCCL_CONNECT_TIMEOUT")}
+    env.update(PYTHON=str(printer), TORCHRUN=str(printer), ASCEND_HOME=str(tmp / "no_ascend"))
+    if fill_paths:
+        for name, value in assigned_values(open(path).read()).items():
+            if value.startswith("your "):
+                env[name] = str(tmp / name.lower())
+    env.update(env_overrides)
+    proc = subprocess.run(["bash", path, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=60)
+    launched = None
+    if "\0" in proc.stdout:
+        body = proc.stdout.split("\n", proc.stdout[: proc.stdout.index("\0")].count("\n"))[-1]
+        launched = body.split("\0")[:-1]
+    return proc, launched
+
+
+@pytest.mark.parametrize("path", wrappers(), ids=lambda p: os.path.relpath(p, EXAMPLES))
+def test_wrapper_launches_its_script_with_parsable_flags(path, tmp_path):
+    proc, launched = run_wrapper(path, tmp_path)
+    assert proc.returncode == 0 and launched, proc.stderr
+    env_line, argv = launched[0], launched[1:]
+    if not (shutil.which("npu-smi") or os.path.exists("/dev/davinci0")):
+        assert env_line == "env ASCEND_RT_VISIBLE_DEVICES= HCCL_CONNECT_TIMEOUT= TOOLKIT="
+    (static,) = invocations(path)
+    if argv[0].startswith("--nproc-per-node"):
+        expected_nproc = "2" if "/generate_" in path else "8"
+        assert argv[:10] == ["--nproc-per-node", expected_nproc, "--nnodes", "1", "--node-rank", "0",
+                             "--master-addr", "localhost", "--master-port", "6000"]
+        argv = argv[10:]
+    assert argv[0] == os.path.join(ROOT, f"{static.script}.py") and os.path.isfile(argv[0])
+    _parse(Invocation(path, static.line, static.script, argv[1:]))
+    log = tmp_path / "logs" / f"{os.path.basename(path)[:-3].replace('_ptd', '')}.log"
+    assert log.is_file(), sorted(os.listdir(tmp_path / "logs"))
+
+
+def test_placeholders_stop_a_wrapper_before_it_launches(tmp_path):
+    path = os.path.join(EXAMPLES, "mcore", "qwen3", "tune_qwen3_8b_4K_lora_ptd.sh")
+    proc, launched = run_wrapper(path, tmp_path, fill_paths=False)
+    assert proc.returncode == 1 and launched is None
+    for name in ("CKPT_LOAD_DIR", "CKPT_SAVE_DIR", "DATA_PATH"):
+        assert f"error: set {name} at the top of {path}" in proc.stderr
+
+
+def test_wrapper_arguments_multinode_and_npu_environment(tmp_path):
+    path = os.path.join(EXAMPLES, "mcore", "qwen25", "tune_qwen25_7b_4K_lora_ptd.sh")
+    _, launched = run_wrapper(path, tmp_path, "--tensorboard-dir", "tb dir", NNODES="2", NODE_RANK="1",
+                              MASTER_ADDR="10.0.0.1", NPUS_PER_NODE="4")
+    assert launched[1:11] == ["--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1",
+                              "--master-addr", "10.0.0.1", "--master-port", "6000"]
+    assert launched[-2:] == ["--tensorboard-dir", "tb dir"]
+    proc, launched = run_wrapper(path, tmp_path, NNODES="2")
+    assert proc.returncode == 1 and launched is None and "needs MASTER_ADDR" in proc.stderr
+    # an NPU machine: toolkit environment sourced, devices and HCCL timeout set
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "npu-smi").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "npu-smi").chmod(0o755)
+    (tmp_path / "ascend" / "ascend-toolkit").mkdir(parents=True)
+    (tmp_path / "ascend" / "ascend-toolkit" / "set_env.sh").write_text("export FAKE_TOOLKIT_SOURCED=yes\n")
+    _, launched = run_wrapper(path, tmp_path, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                              ASCEND_HOME=str(tmp_path / "ascend"), NPUS_PER_NODE="4")
+    assert launched[0] == "env ASCEND_RT_VISIBLE_DEVICES=0,1,2,3 HCCL_CONNECT_TIMEOUT=1800 TOOLKIT=yes"
