@@ -14,7 +14,10 @@ SCRIPT = os.path.join(ROOT, "convert_ckpt.py")
 
 
 def cli(*args, prelude: str | None = None):
-    env = dict(os.environ, PYTHONPATH=ROOT, MINDSPEED_LORA_DEVICE="cpu", PYTHONWARNINGS="ignore")
+    # a world of one of its own: not the torch.distributed settings an in-process test left in os.environ
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, MINDSPEED_LORA_DEVICE="cpu", PYTHONWARNINGS="ignore")
     if prelude is None:
         cmd = [sys.executable, SCRIPT, *args]
     else:  # run the script after `prelude` (a deliberately broken transform) in the same interpreter
