@@ -23,6 +23,20 @@ def add_fused_ops_args(parser: argparse.ArgumentParser) -> None:
     for name in FLAG_NAMES:
         g.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
                        default=None, help=_HELP[name])
+    g.add_argument("--use-fused-linear-cross-entropy", dest="use_fused_linear_cross_entropy",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="training loss: output layer and cross-entropy fused in chunks, so the fp32 logits of "
+                        "the whole sequence never exist (long sequences fit)")
+
+
+def fused_linear_cross_entropy_enabled(args: argparse.Namespace, device_type: str | None = None) -> bool:
+    """--use-fused-linear-cross-entropy, or where left out: on for npu and cuda, off for cpu."""
+    from mindspeed_lora.accelerator import get_accelerator
+
+    flag = getattr(args, "use_fused_linear_cross_entropy", None)
+    if flag is not None:
+        return flag
+    return (device_type or get_accelerator().device_type) != "cpu"
 
 
 def fused_ops_config(args: argparse.Namespace, device_type: str | None = None) -> FusedOpsConfig:

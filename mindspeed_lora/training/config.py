@@ -201,6 +201,8 @@ class TrainingConfig:
     lora_fusion: bool = False
     spec_hooks: list = field(default_factory=list)
     """Extra layer-spec hooks (fused ops) from other flag groups."""
+    fused_cross_entropy: bool = False
+    """Loss from the final hidden states by the chunked linear cross-entropy (mindspeed_lora.ops)."""
     args: dict = field(default_factory=dict)
     """The parsed flags as plain data, stored in checkpoints."""
 
@@ -237,6 +239,9 @@ def _check_compat(args: argparse.Namespace) -> None:
         raise UserError("--global-batch-size is required")
     if args.lora_fusion and not args.lora_target_modules:
         raise UserError("--lora-fusion needs LoRA (--lora-target-modules)")
+    if args.lora_fusion and args.overlap_param_gather:
+        raise UserError("--lora-fusion with --overlap-param-gather is not supported (untested together: CCLoRA "
+                        "reads the adapter weights inside its fused matmuls); drop one of them")
 
 
 def _lora_config(args: argparse.Namespace):
@@ -261,6 +266,14 @@ def _fused_spec_hooks(args: argparse.Namespace) -> list:
 
     cfg = fused_ops_config(args)
     return [fused_ops_spec_hook(cfg)] if cfg.enabled else []
+
+
+def _fused_cross_entropy(args: argparse.Namespace) -> bool:
+    if not hasattr(args, "use_fused_linear_cross_entropy"):
+        return False
+    from mindspeed_lora.arguments.fused_ops import fused_linear_cross_entropy_enabled
+
+    return fused_linear_cross_entropy_enabled(args)
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -332,5 +345,5 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig(
         model=model, parallel=parallel, data=data, batch=batch, optim=optim, checkpoint=checkpoint,
         logging=logging, seed=args.seed, lora=_lora_config(args), lora_fusion=args.lora_fusion,
-        spec_hooks=_fused_spec_hooks(args), args=plain_args(args),
+        spec_hooks=_fused_spec_hooks(args), fused_cross_entropy=_fused_cross_entropy(args), args=plain_args(args),
     )

@@ -117,6 +117,10 @@ class SFTTrainer:
             resume_path, resume_state = checkpointing.read_training_state(self.source.path, self.rank)
         self.resume = resume_state is not None and not cfg.checkpoint.finetune
         self.model = model
+        if cfg.fused_cross_entropy and self.rank.is_last_stage:
+            # the output weight: the tied embedding, or the last stage's copy of it
+            self._ce_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+                else model.output_layer.weight
 
         self.ddp = model_setup.wrap_ddp(model, cfg)
         self.chunks = [self.ddp]
@@ -209,9 +213,27 @@ class SFTTrainer:
         if self.rope is not None:
             self.rope.position_ids = batch["position_ids"].to(dev) if batch["attention_mask"] is not None else None
         mask = batch["attention_mask"]
-        out = model(batch["tokens"].to(dev), batch["position_ids"].to(dev),
-                    mask.to(dev) if mask is not None else None, labels=batch["labels"].to(dev))
+        args = (batch["tokens"].to(dev), batch["position_ids"].to(dev), mask.to(dev) if mask is not None else None)
+        if self.cfg.fused_cross_entropy and self.rank.is_last_stage:
+            # post_process off for this forward only: GPTModel returns the final-normed hidden states instead
+            # of logits (megatron's finalize_model_grads reads post_process to sync tied embeddings)
+            self.model.post_process = False
+            try:
+                hidden = model(*args)
+            finally:
+                self.model.post_process = True
+            out = self._fused_ce_loss(hidden, batch["labels"].to(dev))
+        else:
+            out = model(*args, labels=batch["labels"].to(dev))
         return out, partial(self._loss_func, batch["loss_mask"].to(dev))
+
+    def _fused_ce_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] from the final hidden states [s, b, h] without materialising the [s, b, v]
+        logits."""
+        from mindspeed_lora.ops.cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden, self._ce_weight, labels,
+                                          sequence_parallel=self.cfg.parallel.sequence_parallel)
 
     @staticmethod
     def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):

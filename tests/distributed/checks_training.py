@@ -393,3 +393,37 @@ def check_converted_tp2_checkpoint_trains_and_its_lora_converts_back(tmp):
         name = "model.layers.1.mlp.down_proj.weight"
         assert not torch.equal(base.read(name), out.read(name))  # the trained adapter was merged in
         assert torch.equal(base.read("model.embed_tokens.weight"), out.read("model.embed_tokens.weight"))
+
+
+# ---------------------------------------------------------------------- fused cross-entropy and CCLoRA
+
+FUSED_CE = ["--use-fused-linear-cross-entropy"]
+
+
+def check_fused_linear_cross_entropy_tp2_sp_matches_single_rank(tmp):
+    # loss from the final hidden states through the chunked linear CE (vocab-parallel, SP gather inside)
+    _parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel", *FUSED_CE])
+
+
+def check_fused_linear_cross_entropy_pp2_tied_matches_single_rank(tmp):
+    # the last stage's copy of the tied embedding is the CE weight; its grad is synced with the first stage's
+    _parity(tmp, ["--pipeline-model-parallel-size", "2", *FUSED_CE], ref="full_qwen2", model="qwen2")
+
+
+def check_lora_fusion_tp2_sp_matches_unfused_over_ten_steps(tmp):
+    root = root_of(tmp)
+    p = inputs(root)
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    _, plain = train(lora_argv(p, tp2, iters=10))
+    _, fused = train(lora_argv(p, tp2 + ["--lora-fusion"], iters=10))
+    got, want = [v for _, v in fused.losses], [v for _, v in plain.losses]
+    assert len(got) == len(want) == 10
+    assert want[-1] < want[0]  # the adapters really trained, so equal losses mean equal updates
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= 1e-5 * abs(w), f"--lora-fusion step {i + 1}: loss {g!r} vs unfused {w!r}"
+
+
+def check_lora_fusion_with_overlap_param_gather_refused(tmp):
+    p = inputs(root_of(tmp))
+    expect_user_error(lora_argv(p, ["--lora-fusion", "--use-distributed-optimizer", "--overlap-param-gather"]),
+                      "--lora-fusion", "--overlap-param-gather")
