@@ -40,7 +40,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("post-training stage")
-    g.add_argument("--stage", default="sft", choices=STAGES, help="post-training task: sft (dpo: not yet)")
+    g.add_argument("--stage", default="sft", choices=STAGES, help="post-training task: sft or dpo")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
