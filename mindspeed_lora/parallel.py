@@ -48,12 +48,16 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     acc = get_accelerator()
     apply_patches(acc, verbose=verbose_patches)
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python script.py`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         acc.set_device(local_rank)
-        torch.distributed.init_process_group(backend=acc.dist_backend, timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" not in os.environ:
+            # A plain `python script.py`: a world of one on a free port. Passed directly, not through
+            # os.environ, so that subprocesses started later (torchrun, other scripts) do not inherit it.
+            torch.distributed.init_process_group(backend=acc.dist_backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                                 rank=0, world_size=1, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=acc.dist_backend, timeout=timeout)
     world = torch.distributed.get_world_size()
     if world % (tp * pp):
         raise UserError(
