@@ -30,11 +30,11 @@ import torch.distributed as dist
 
 from mindspeed_lora.accelerator import get_accelerator
 from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.checkpoint.hf_writer import HF_SIDE_FILES
 from mindspeed_lora.errors import UserError
 
 DISTRIB_OPTIM = "distrib_optim.pt"
-_HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+_HF_FILES = ("config.json", *HF_SIDE_FILES)  # the same files the converter keeps beside its shards
 
 
 # ---------------------------------------------------------------------------------------------- RNG
