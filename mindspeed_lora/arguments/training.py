@@ -168,6 +168,16 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-curve", default=None,
                    help="loss-curve PNG written at the end (default: loss_curve.png in --save, else in "
                         "--tensorboard-dir, else in the current directory)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations [--profile-step-start, --profile-step-end) with torch.profiler "
+                        "(torch_npu.profiler on NPUs): a trace and an operator table per profiled rank")
+    g.add_argument("--profile-step-start", type=int, default=10, help="first profiled iteration (1-based)")
+    g.add_argument("--profile-step-end", type=int, default=12, help="iteration where profiling stops (excluded)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks to profile")
+    g.add_argument("--profile-save-path", default=None,
+                   help="where traces go (default: profile/ in --tensorboard-dir, else in the current directory)")
+    g.add_argument("--profile-record-shapes", action="store_true", help="record operator input shapes")
+    g.add_argument("--profile-with-memory", action="store_true", help="record device memory allocations")
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:

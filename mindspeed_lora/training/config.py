@@ -178,8 +178,18 @@ class LoggingSetup:
     eval_iters: int = 0
     tensorboard_dir: str | None = None
     loss_curve: str | None = None
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: tuple[int, ...] = (0,)
+    profile_save_path: str | None = None
+    profile_record_shapes: bool = False
+    profile_with_memory: bool = False
 
     def __post_init__(self):
+        if self.profile and not 1 <= self.profile_step_start < self.profile_step_end:
+            raise UserError(f"--profile-step-start {self.profile_step_start} --profile-step-end "
+                            f"{self.profile_step_end}: expected 1 <= start < end (iterations are 1-based)")
         if self.log_interval < 1:
             raise UserError(f"--log-interval {self.log_interval}: expected a positive number")
         if self.eval_interval is not None and self.eval_interval < 1:
@@ -340,7 +350,10 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     )
     logging = LoggingSetup(
         log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-        tensorboard_dir=args.tensorboard_dir, loss_curve=args.loss_curve,
+        tensorboard_dir=args.tensorboard_dir, loss_curve=args.loss_curve, profile=args.profile,
+        profile_step_start=args.profile_step_start, profile_step_end=args.profile_step_end,
+        profile_ranks=tuple(args.profile_ranks), profile_save_path=args.profile_save_path,
+        profile_record_shapes=args.profile_record_shapes, profile_with_memory=args.profile_with_memory,
     )
     return TrainingConfig(
         model=model, parallel=parallel, data=data, batch=batch, optim=optim, checkpoint=checkpoint,

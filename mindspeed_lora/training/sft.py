@@ -343,11 +343,16 @@ class SFTTrainer:
         acc = get_accelerator()
         for chunk in self.chunks:
             chunk.train()
+        profiler = self._profiler()
         while self.iteration < self.train_iters:
             t0 = time.time()
             batches = self._batches(self.train_order, self.consumed)
             lr = self._lr()
+            if profiler is not None:
+                profiler.begin(self.iteration + 1)
             loss, grad_norm, skipped = self.train_step(batches)
+            if profiler is not None:
+                profiler.end(self.iteration + 1)
             if not math.isfinite(loss):
                 last = result.checkpoints[-1] if result.checkpoints else None
                 where = f"the last good checkpoint is {last}" if last else "no checkpoint was written by this run"
@@ -388,8 +393,22 @@ class SFTTrainer:
         if cfg.checkpoint.save and (not result.checkpoints
                                     or not result.checkpoints[-1].endswith(f"iter_{self.iteration:07d}")):
             result.checkpoints.append(self.save(self.iteration))
+        if profiler is not None:
+            profiler.finish()  # the run ended inside the profiled range
+            for path in profiler.written:
+                print(f"profile written to {os.path.abspath(path)}", flush=True)
         result.loss_curve = self._loss_curve(result)
         return result
+
+    def _profiler(self):
+        log = self.cfg.logging
+        if not log.profile:
+            return None
+        from mindspeed_lora.training.profiling import StepProfiler
+
+        path = log.profile_save_path or os.path.join(log.tensorboard_dir or ".", "profile")
+        return StepProfiler(log.profile_step_start, log.profile_step_end, list(log.profile_ranks), path,
+                            dist.get_rank(), log.profile_record_shapes, log.profile_with_memory)
 
     def _lr(self) -> float:
         from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
