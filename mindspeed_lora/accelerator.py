@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,19 @@ ENV_VAR = "MINDSPEED_LORA_DEVICE"
 DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
-def _npu_present() -> bool:
+@functools.lru_cache(maxsize=16)
+def _torch_npu_importable(search_path: tuple[str, ...]) -> bool:
+    # A failed import is not remembered by Python: each attempt searches sys.path again (~30 us), and the
+    # ops ask for the device on every call. Remembered per sys.path, so a path added later is still seen.
     try:
         importlib.import_module("torch_npu")
     except ImportError:
+        return False
+    return True
+
+
+def _npu_present() -> bool:
+    if "torch_npu" not in sys.modules and not _torch_npu_importable(tuple(sys.path)):
         return False
     npu = getattr(torch, "npu", None)
     return bool(npu is not None and npu.is_available() and npu.device_count() > 0)

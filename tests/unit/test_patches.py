@@ -22,8 +22,9 @@ def test_listing_names_each_patch_and_why():
             assert f"target: {t}" in out
 
 
-def test_nothing_applies_on_cuda_and_all_on_cpu():
-    assert registry.patches_for(Accelerator("cuda")) == []
+def test_on_cuda_only_the_multi_tensor_fallbacks_apply_and_all_on_cpu():
+    # this environment has neither Transformer Engine nor apex, so megatron uses its per-tensor loops
+    assert [p.name for p in registry.patches_for(Accelerator("cuda"))] == ["multi-tensor-ops-without-syncs"]
     names = {p.name for p in registry.patches_for(Accelerator("cpu"))}
     assert {"torch-cuda-redirect", "rng-tracker-state", "tied-embedding-sync"} <= names
 
@@ -67,3 +68,28 @@ def test_rng_tracker_forks_the_cpu_generator():
     assert torch.equal(torch.get_rng_state(), before)  # the default stream is untouched
     torch.manual_seed(123)
     assert torch.equal(inside, torch.rand(3))
+
+
+def test_foreach_multi_tensor_ops_equal_megatron_loops():
+    import torch
+    from megatron.core import utils
+
+    from mindspeed_lora.patches.megatron_fixes import foreach_l2_norm, foreach_scale
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*s, generator=g) for s in ((8, 3), (5,), (2, 2, 7), (1,))]
+    want = torch.linalg.vector_norm(torch.cat([t.flatten() for t in grads]))
+    got, _ = foreach_l2_norm(2048 * 32, None, [grads], False)
+    assert got.shape == (1,) and torch.allclose(got[0], want, rtol=1e-6)
+
+    for scale in (0.37, 1.0):
+        src = [t.clone() for t in grads]
+        dst_ours = [torch.empty_like(t, dtype=torch.bfloat16) for t in grads]
+        dst_ref = [torch.empty_like(t, dtype=torch.bfloat16) for t in grads]
+        foreach_scale(2048 * 32, None, [src, dst_ours], scale)
+        utils.local_multi_tensor_scale(2048 * 32, None, [src, dst_ref], scale)
+        assert all(torch.equal(a, b) for a, b in zip(dst_ours, dst_ref))
+    inplace_ours, inplace_ref = [t.clone() for t in grads], [t.clone() for t in grads]
+    foreach_scale(2048 * 32, None, [inplace_ours, inplace_ours], 0.5)
+    utils.local_multi_tensor_scale(2048 * 32, None, [inplace_ref, inplace_ref], 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(inplace_ours, inplace_ref))
