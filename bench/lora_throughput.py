@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -169,7 +170,7 @@ _TOK = re.compile(r"tokens/s: ([0-9.]+)")
 _MEM = re.compile(r"mem GiB alloc/peak/reserved: ([0-9.]+)/([0-9.]+)/([0-9.]+)")
 
 
-def run_ours(shape, seq, mbs, recompute, rank, steps, warmup, model_dir, work, extra=()):
+def run_ours(shape, seq, mbs, recompute, rank, steps, warmup, model_dir, work, extra=(), recompute_flags=None):
     data = os.path.join(work, f"data_{seq}_{mbs}")
     write_random_data(data, seq, mbs * (steps + warmup + 1), shape[-1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29611",
@@ -180,10 +181,13 @@ def run_ours(shape, seq, mbs, recompute, rank, steps, warmup, model_dir, work, e
            "--lora-r", str(rank), "--lora-alpha", str(2 * rank),
            "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *extra]
     if recompute:
-        cmd += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+        cmd += recompute_flags or ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                   "--recompute-num-layers", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_DEVICE_MAX_CONNECTIONS="1")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with open(os.path.join(work, f"ours_seq{seq}_mbs{mbs}{'_recompute' if recompute else ''}.log"), "w") as f:
+        f.write(out.stdout + out.stderr)
     lines = [ln for ln in out.stdout.splitlines() if "tokens/s:" in ln]
     if out.returncode != 0 or len(lines) < steps + warmup:
         tail = (out.stdout + out.stderr)[-1500:]
@@ -191,7 +195,8 @@ def run_ours(shape, seq, mbs, recompute, rank, steps, warmup, model_dir, work, e
         return dict(error="OOM" if oom else f"exit {out.returncode}: {tail}")
     toks = sorted(float(_TOK.search(ln).group(1)) for ln in lines[warmup:])
     peak = max(float(_MEM.search(ln).group(2)) for ln in lines)
-    return dict(tokens_per_s=toks[len(toks) // 2], peak_gib=peak)
+    step_ms = [round(mbs * seq / float(_TOK.search(ln).group(1)) * 1e3, 1) for ln in lines]
+    return dict(tokens_per_s=toks[len(toks) // 2], peak_gib=peak, step_ms=step_ms)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -207,7 +212,8 @@ def measure(which, cfg_name, shape, seq, mbs, recompute, a, model_dir, work, pea
             torch.cuda.empty_cache()
             r = dict(error="OOM")
     else:
-        r = run_ours(shape, seq, mbs, recompute, a.rank, steps, warmup, model_dir, work)
+        r = run_ours(shape, seq, mbs, recompute, a.rank, steps, warmup, model_dir, work,
+                     extra=shlex.split(a.ours_extra), recompute_flags=shlex.split(a.ours_recompute) or None)
     r = dict(which=which, config=cfg_name, model=a.model, seq=seq, mbs=mbs, recompute=recompute, lora_r=a.rank, **r)
     if "tokens_per_s" in r:
         tflops = lora_flops_per_token(shape, seq) * r["tokens_per_s"] / 1e12
@@ -226,6 +232,10 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "msl_bench"))
+    p.add_argument("--ours-mbs", default=None, help="micro-batch sizes ours tries in (a), e.g. 2 (default 4,2,1)")
+    p.add_argument("--ours-extra", default="", help="more posttrain_gpt.py flags for ours, e.g. '--profile ...'")
+    p.add_argument("--ours-recompute", default="",
+                   help="ours' recompute flags in (b), (c) (default: full, uniform, 1 layer per checkpoint)")
     a = p.parse_args()
     import peft
     import transformers
@@ -240,7 +250,8 @@ def main():
     which = a.which.split(",")
     if "ours" in which:
         write_random_hf_model(shape, 4096, model_dir)
-    plans = {"a": (4096, False, {"ours": [4, 2, 1], "hf": [2, 1]}),
+    ours_a = [int(m) for m in a.ours_mbs.split(",")] if a.ours_mbs else [4, 2, 1]
+    plans = {"a": (4096, False, {"ours": ours_a, "hf": [2, 1]}),
              "b": (4096, True, {"ours": [1], "hf": [1]}),
              "c": (None, True, {"ours": [1], "hf": [1]})}
     results = {}

@@ -82,6 +82,50 @@ class LoraWeight(nn.Module):
         return f"{self.weight.shape[0]}x{self.weight.shape[1]}"
 
 
+class FrozenBaseLoraFunction(torch.autograd.Function):
+    """y = x·Wᵀ + s·(x_l·Aᵀ)·Bᵀ with W frozen, the LoRA product accumulated into the base GEMM's output.
+
+    For a linear with no tensor-parallel communication (TP=1, no bias). The unfused layer writes x·Wᵀ and the
+    adapter's product to two tensors and adds them (one more read and write of the whole output, forward,
+    and of the whole input grad, backward); here the big GEMMs accumulate into the small-rank products with
+    ``addmm_`` (dx = g·W + (s·g·B)·A likewise). Saved: x_l and a = s·x_l·Aᵀ, as the unfused path saves; W
+    gets no grad. ``x_l`` is x after LoRA dropout, or None when there is none (then dx is one fused GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_l, weight, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xl2 = x2 if x_l is None else x_l.reshape(-1, shape[-1])
+        a = torch.mm(xl2, lora_a.t())
+        a.mul_(scaling)
+        y = torch.mm(a, lora_b.t())
+        y.addmm_(x2, weight.t())
+        ctx.save_for_backward(xl2, a, weight, lora_a, lora_b)
+        ctx.scaling, ctx.shape, ctx.dropout = scaling, shape, x_l is not None
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xl2, a, weight, lora_a, lora_b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = torch.mm(g, lora_b)
+        gb.mul_(ctx.scaling)  # dL/da scaled: dA = gbᵀ·x_l, the LoRA input grad = gb·A
+        d_b = torch.mm(g.t(), a) if ctx.needs_input_grad[4] else None
+        d_a = torch.mm(gb.t(), xl2) if ctx.needs_input_grad[3] else None
+        dx = dxl = None
+        if ctx.dropout:
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(g, weight).view(ctx.shape)
+            if ctx.needs_input_grad[1]:
+                dxl = torch.mm(gb, lora_a).view(ctx.shape)
+        elif ctx.needs_input_grad[0]:
+            dx = torch.mm(gb, lora_a)
+            dx.addmm_(g, weight)
+            dx = dx.view(ctx.shape)
+        return dx, dxl, None, d_a, d_b, None
+
+
 class _LoraParallelLinear(nn.Module):
     """Shared part: base layer, adapter params, init, the attributes megatron reads off a linear."""
 
@@ -206,6 +250,22 @@ class _LoraParallelLinear(nn.Module):
         must see one mask), independent (megatron's model-parallel RNG) where each rank holds its own slice."""
         return get_cuda_rng_tracker().fork() if tokens_differ_across_tp and self.tp_size > 1 else nullcontext()
 
+    def _fused_base_applies(self) -> bool:
+        """Whether ``FrozenBaseLoraFunction`` computes exactly what base + adapter compute here: one rank (no
+        TP collectives around the GEMM), no bias, and megatron's plain frozen-weight linear underneath."""
+        base = self.base_layer
+        return (self.tp_size == 1 and base.bias is None and not base.weight.requires_grad
+                and not getattr(base.config, "defer_embedding_wgrad_compute", False)
+                and getattr(base.config, "_cpu_offloading_context", None) is None)
+
+    def _fused_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_l = None
+        if self.lora_dropout is not None:
+            with self._dropout_context(False):
+                x_l = self.lora_dropout(x)
+        return FrozenBaseLoraFunction.apply(x, x_l, self.base_layer.weight, self.lora_A[ADAPTER](),
+                                            self.lora_B[ADAPTER](), self.scaling)
+
     def extra_repr(self) -> str:
         c = self.lora_config
         return f"r={c.r}, scaling={self.scaling:g}, dropout={c.dropout}, fusion={c.fusion}, tp={self.tp_size}"
@@ -243,6 +303,8 @@ class LoraColumnParallelLinear(_LoraParallelLinear):
             from mindspeed_lora.lora.cclora import column_forward
 
             return column_forward(self, x)
+        if self._fused_base_applies():
+            return self._fused_base_forward(x), None
         out, bias = self.base_layer(x)
         if self.lora_dropout is not None:
             with self._dropout_context(self.sequence_parallel):
@@ -288,6 +350,8 @@ class LoraRowParallelLinear(_LoraParallelLinear):
             from mindspeed_lora.lora.cclora import row_forward
 
             return row_forward(self, x)
+        if self._fused_base_applies():
+            return self._fused_base_forward(x), None
         out, bias = self.base_layer(x)
         if self.lora_dropout is not None:
             with self._dropout_context(True):

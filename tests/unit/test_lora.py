@@ -223,3 +223,43 @@ def test_lora_config_reaches_every_layer(hf_dir):
     model, _ = _ours(hf_dir, _cfg(r=2, alpha=6, use_rslora=True), load=False)
     mods = [m for n, m in model.named_modules() if n.endswith(("linear_qkv", "linear_fc2"))]
     assert mods and all(abs(m.scaling - 6 / 2 ** 0.5) < 1e-12 for m in mods)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_frozen_base_lora_function_equals_base_plus_adapter(dropout, x_needs_grad):
+    from mindspeed_lora.lora.layers import FrozenBaseLoraFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, generator=g, dtype=torch.float64).requires_grad_(x_needs_grad)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(24, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = (torch.rand(5, 3, 16, generator=g) > 0.3).double() / 0.7 if dropout else None
+    grad = torch.randn(5, 3, 24, generator=g, dtype=torch.float64)
+
+    def run(fused):
+        xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, a, b)]
+        x_l = xs[0] * mask if dropout else None
+        if fused:
+            y = FrozenBaseLoraFunction.apply(xs[0], x_l, w, xs[1], xs[2], 0.75)
+        else:
+            y = F.linear(xs[0], w) + 0.75 * F.linear(F.linear(xs[0] if x_l is None else x_l, xs[1]), xs[2])
+        y.backward(grad)
+        return y.detach(), [t.grad for t in xs]
+
+    y_f, grads_f = run(True)
+    y_r, grads_r = run(False)
+    assert torch.allclose(y_f, y_r, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads_f, grads_r):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_one_rank_lora_linears_take_the_fused_base_path(hf_dir):
+    model, _ = _ours(hf_dir, _cfg())
+    for layer in model.decoder.layers:
+        for lin in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1,
+                    layer.mlp.linear_fc2):
+            assert lin._fused_base_applies()
