@@ -57,6 +57,8 @@ def main(argv=None):
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-fused-ops", action="store_true", help="megatron's local attention/norms instead of ours")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--profile-dir", default=None,
+                   help="after timing, profile 2 steps of each variant on every rank: a trace and an op table")
     a = p.parse_args(argv)
 
     from mindspeed_lora.accelerator import get_accelerator
@@ -124,6 +126,8 @@ def main(argv=None):
             times[name].append((time.perf_counter() - t0) / a.iters)
             if acc.device_type == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    if a.profile_dir:
+        _profile(models, step, a.profile_dir, info.rank, acc)
     if info.rank == 0:
         tokens = a.seq * a.mbs
         print(f"# {a.shape} x {a.layers} layers, TP={tp}, SP={sp}, seq {a.seq}, mbs {a.mbs}, LoRA r={a.rank} "
@@ -138,6 +142,21 @@ def main(argv=None):
             print(f"| {name} | {med[name] * 1e3:.2f} | {tokens / med[name]:,.0f} | {peak} |")
         print(f"ratio cclora / unfused tokens/s: {med['unfused'] / med['cclora']:.3f}x; "
               f"output relative difference {diff:.2e}")
+
+
+def _profile(models, step, out_dir, rank, acc):
+    os.makedirs(out_dir, exist_ok=True)
+    for name, m in models.items():
+        acc.synchronize()
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step(m)
+            acc.synchronize()
+        prof.export_chrome_trace(os.path.join(out_dir, f"{name}_rank{rank}.json"))
+        with open(os.path.join(out_dir, f"{name}_rank{rank}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
 
 
 if __name__ == "__main__":
