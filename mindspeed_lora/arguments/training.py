@@ -99,9 +99,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_recompute_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("activation recomputation")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
-                   help="full recompute: uniform chunks of --recompute-num-layers, or the first "
-                        "--recompute-num-layers layers of each stage (block)")
+    g.add_argument("--recompute-method", choices=["uniform", "block", "split"], default=None,
+                   help="full recompute: uniform chunks of --recompute-num-layers, the first "
+                        "--recompute-num-layers layers of each stage (block), or every layer as two halves "
+                        "whose recomputation skips the LoRA output projections' base GEMMs (split: one more "
+                        "hidden-size activation per layer kept)")
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--recompute-activations", action="store_true", help="same as --recompute-granularity selective")
 

@@ -126,6 +126,26 @@ class FrozenBaseLoraFunction(torch.autograd.Function):
         return dx, dxl, None, d_a, d_b, None
 
 
+class FrozenAddmm(torch.autograd.Function):
+    """y = c + x·Wᵀ for a frozen W, saving no tensor: backward needs only W, kept as an attribute.
+
+    With the adapter's product ``c`` computed first (its inputs saved then), a non-reentrant checkpoint's
+    recomputation stops before this GEMM (``--recompute-method split``).
+    """
+
+    @staticmethod
+    def forward(ctx, c, x, weight):
+        ctx.weight, ctx.shape = weight, x.shape
+        y = torch.addmm(c.reshape(-1, c.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = torch.mm(grad.reshape(-1, grad.shape[-1]), ctx.weight).view(ctx.shape) if ctx.needs_input_grad[1] \
+            else None
+        return grad, dx, None
+
+
 class _LoraParallelLinear(nn.Module):
     """Shared part: base layer, adapter params, init, the attributes megatron reads off a linear."""
 
@@ -173,6 +193,9 @@ class _LoraParallelLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else None
         self.adapter_enabled = True
         """False: forward is the base layer's alone (``toggle.adapters_disabled``, DPO's reference model)."""
+        self.recompute_stops_before_base = False
+        """Set by ``--recompute-method split`` on linear_proj / linear_fc2: save the adapter's inputs before the
+        base GEMM runs, so that the recomputation stops before it (TP=1 path; see models/recompute.py)."""
         self.cclora_impl: str | None = None
         """CCLoRA collectives: None picks by device (torch_npu fused ops on NPUs), 'generic' or 'npu' forces."""
         self.reset_lora_parameters("", 0)
@@ -263,6 +286,9 @@ class _LoraParallelLinear(nn.Module):
         if self.lora_dropout is not None:
             with self._dropout_context(False):
                 x_l = self.lora_dropout(x)
+        if self.recompute_stops_before_base:
+            lora = self.lora_B[ADAPTER](self.lora_A[ADAPTER](x if x_l is None else x_l) * self.scaling)
+            return FrozenAddmm.apply(lora, x, self.base_layer.weight)
         return FrozenBaseLoraFunction.apply(x, x_l, self.base_layer.weight, self.lora_A[ADAPTER](),
                                             self.lora_B[ADAPTER](), self.scaling)
 

@@ -42,7 +42,7 @@ class ModelOptions:
 
     params_dtype: torch.dtype = torch.float32
     recompute_granularity: str | None = None  # full | selective
-    recompute_method: str | None = None  # uniform | block
+    recompute_method: str | None = None  # uniform | block | split (models/recompute.py)
     recompute_num_layers: int | None = None
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -90,6 +90,8 @@ def build_transformer_config(arch: ModelArch, parallel: ParallelOptions, options
     arch.check_tensor_parallel(parallel.tensor_model_parallel_size)
     counts = layer_counts(arch, parallel)
     dtype = options.params_dtype
+    # split recompute is ours (the layer class checkpoints itself); megatron must not checkpoint too
+    megatron_full = options.recompute_granularity == "full" and not split_recompute(options)
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -122,17 +124,21 @@ def build_transformer_config(arch: ModelArch, parallel: ParallelOptions, options
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        recompute_granularity=options.recompute_granularity,
-        recompute_method=options.recompute_method if options.recompute_granularity == "full" else None,
-        recompute_num_layers=options.recompute_num_layers if options.recompute_granularity == "full" else None,
+        recompute_granularity=None if split_recompute(options) else options.recompute_granularity,
+        recompute_method=options.recompute_method if megatron_full else None,
+        recompute_num_layers=options.recompute_num_layers if megatron_full else None,
     )
     layout = pipeline_layout(counts)
     if layout is not None:
         kwargs["pipeline_model_parallel_layout"] = layout
-    if options.recompute_granularity == "full" and options.recompute_method is None:
+    if megatron_full and options.recompute_method is None:
         kwargs["recompute_method"] = "uniform"
         kwargs["recompute_num_layers"] = options.recompute_num_layers or 1
     return TransformerConfig(**kwargs)
+
+
+def split_recompute(options: ModelOptions) -> bool:
+    return options.recompute_granularity == "full" and options.recompute_method == "split"
 
 
 def build_layer_spec(arch: ModelArch, config, options: ModelOptions):
@@ -143,6 +149,10 @@ def build_layer_spec(arch: ModelArch, config, options: ModelOptions):
     sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
     if arch.qk_layernorm:
         sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
+    if split_recompute(options):
+        from mindspeed_lora.models.recompute import SplitRecomputeTransformerLayer
+
+        spec.module = SplitRecomputeTransformerLayer
     for hook in options.spec_hooks:
         spec = hook(spec, arch, config)
     return spec

@@ -52,6 +52,8 @@ class ModelSetup:
     def __post_init__(self):
         if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
             raise UserError("--recompute-method / --recompute-num-layers need --recompute-granularity full")
+        if self.recompute_method == "split" and self.recompute_num_layers is not None:
+            raise UserError("--recompute-method split recomputes every layer; drop --recompute-num-layers")
         if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
             raise UserError(f"--recompute-num-layers {self.recompute_num_layers}: expected a positive number")
 

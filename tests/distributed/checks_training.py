@@ -287,6 +287,16 @@ def check_lora_tp2_sequence_parallel_matches_single_rank(tmp):
     _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
 
 
+def check_lora_split_recompute_tp2_sp_and_pp2_match_single_rank(tmp):
+    split = ["--recompute-granularity", "full", "--recompute-method", "split"]
+    _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel", *split])
+    _lora_parity(tmp, ["--pipeline-model-parallel-size", "2", *split])
+
+
+def check_full_finetuning_split_recompute_dp2_matches_single_rank(tmp):
+    _parity(tmp, ["--recompute-granularity", "full", "--recompute-method", "split"])
+
+
 def check_lora_dp2_distributed_optimizer_matches_single_rank(tmp):
     _lora_parity(tmp, ["--use-distributed-optimizer"])
 

@@ -36,12 +36,13 @@ def _cfg(**kw):
     return LoraConfig(**{"r": fx.R, "alpha": fx.ALPHA, "target_modules": ALL, **kw})
 
 
-def _ours(hf_dir, cfg, recompute=None, load=True):
+def _ours(hf_dir, cfg, recompute=None, load=True, method=None):
     from mindspeed_lora.lora import lora_spec_hook
 
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
     par = ParallelOptions()
-    options = ModelOptions(spec_hooks=[lora_spec_hook(cfg)], recompute_granularity=recompute)
+    options = ModelOptions(spec_hooks=[lora_spec_hook(cfg)], recompute_granularity=recompute,
+                           recompute_method=method)
     model = build_gpt_model(arch, par, options, pre_process=True, post_process=True)
     if load:
         load_hf_weights(model, HFCheckpointReader(hf_dir), arch, par, 0, 0)
@@ -263,3 +264,54 @@ def test_one_rank_lora_linears_take_the_fused_base_path(hf_dir):
         for lin in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1,
                     layer.mlp.linear_fc2):
             assert lin._fused_base_applies()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_split_recompute_equals_no_recompute_and_skips_the_output_projection_gemms(hf_dir, monkeypatch, dropout):
+    from mindspeed_lora.lora import layers, prepare_lora_model
+
+    ids, labels = _inputs()
+    results = {}
+    calls = [0]
+    original = layers.FrozenAddmm.forward
+
+    def counted(ctx, c, x, weight):
+        calls[0] += 1
+        return original(ctx, c, x, weight)
+
+    monkeypatch.setattr(layers.FrozenAddmm, "forward", staticmethod(counted))
+    for method in (None, "split"):
+        model, _ = _ours(hf_dir, _cfg(dropout=dropout), recompute="full" if method else None, method=method)
+        prepare_lora_model(model, seed=3)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model.train()
+        torch.manual_seed(11)
+        calls[0] = 0
+        loss = model(ids, _pos(), None, labels=labels).mean()
+        n_forward = calls[0]
+        loss.backward()
+        results[method] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if ".lora_" in n})
+        if method == "split":
+            layers_n = len(model.decoder.layers)
+            assert type(model.decoder.layers[0]).__name__ == "SplitRecomputeTransformerLayer"
+            # linear_proj and linear_fc2 of every layer: their base GEMM ran in the forward, never again
+            assert n_forward == 2 * layers_n and calls[0] == n_forward, (n_forward, calls)
+    loss_ref, grads_ref = results[None]
+    loss_split, grads_split = results["split"]
+    assert torch.equal(loss_ref, loss_split)
+    assert grads_ref.keys() == grads_split.keys()
+    for n, g in grads_ref.items():
+        assert g is not None and torch.allclose(grads_split[n], g, rtol=1e-6, atol=1e-7), n
+
+
+def test_split_recompute_needs_full_granularity_and_takes_no_layer_count():
+    from mindspeed_lora.training.config import ModelSetup
+
+    with pytest.raises(UserError, match="drop --recompute-num-layers"):
+        ModelSetup(load="x", recompute_granularity="full", recompute_method="split", recompute_num_layers=2)
+    with pytest.raises(UserError, match="need --recompute-granularity full"):
+        ModelSetup(load="x", recompute_method="split")
