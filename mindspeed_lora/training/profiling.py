@@ -19,15 +19,18 @@ class StepProfiler:
     """Call ``begin(iteration)`` before and ``end(iteration)`` after each training iteration (1-based)."""
 
     def __init__(self, start: int, end: int, ranks: list[int], save_path: str, rank: int,
-                 record_shapes: bool = False, with_memory: bool = False):
+                 record_shapes: bool = False, with_memory: bool = False, device_type: str | None = None,
+                 synchronize=None):
         self.start_step, self.end_step, self.save_path, self.rank = start, end, save_path, rank
+        self.device_type = device_type or get_accelerator().device_type
+        self._synchronize = synchronize or get_accelerator().synchronize
         self.enabled = rank in ranks
         self.record_shapes, self.with_memory = record_shapes, with_memory
         self._prof = None
         self.written: list[str] = []
 
     def _make(self):
-        device = get_accelerator().device_type
+        device = self.device_type
         if device == "npu":
             import torch_npu
 
@@ -56,17 +59,16 @@ class StepProfiler:
     def finish(self) -> None:
         if self._prof is None:
             return
-        get_accelerator().synchronize()
+        self._synchronize()
         prof, self._prof = self._prof, None
         prof.stop()
-        if get_accelerator().device_type == "npu":  # its on_trace_ready handler has written the directory
+        if self.device_type == "npu":  # its on_trace_ready handler has written the directory
             self.written.append(self.save_path)
             return
         trace = os.path.join(self.save_path, f"trace_rank{self.rank}.json")
         prof.export_chrome_trace(trace + ".tmp")
         os.replace(trace + ".tmp", trace)
-        device = get_accelerator().device_type
-        sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages(group_by_input_shape=self.record_shapes).table(sort_by=sort, row_limit=60)
         ops = os.path.join(self.save_path, f"ops_rank{self.rank}.txt")
         with open(ops + ".tmp", "w") as f:

@@ -300,3 +300,52 @@ def npu_mm_reduce_scatter_base(input, x2, hcom, world_size, *, reduce_op="sum", 
     out = torch.empty((input.shape[0] // world_size, x2.shape[1]), dtype=torch.float32)
     torch.distributed.reduce_scatter_tensor(out, partial, group=group)
     return out.to(input.dtype)
+
+
+class _FakeProfilerModule:
+    """``torch_npu.profiler``: profile(activities=, on_trace_ready=, record_shapes=, profile_memory=) with
+    start()/stop(); on_trace_ready(prof) runs at stop, and tensorboard_trace_handler(dir) writes a
+    ``*_ascend_pt`` directory under dir, as the documentation describes."""
+
+    class ProfilerActivity:
+        CPU = "CPU"
+        NPU = "NPU"
+
+    class profile:  # noqa: N801 - torch_npu's name
+        def __init__(self, activities=None, schedule=None, on_trace_ready=None, record_shapes=False,
+                     profile_memory=False, with_stack=False, with_flops=False, with_modules=False,
+                     experimental_config=None):
+            valid = {_FakeProfilerModule.ProfilerActivity.CPU, _FakeProfilerModule.ProfilerActivity.NPU}
+            if activities is not None and not set(activities) <= valid:
+                raise ValueError(f"torch_npu.profiler.profile: unknown activities {activities}")
+            self.activities = list(activities or valid)
+            self.on_trace_ready = on_trace_ready
+            self.record_shapes, self.profile_memory = record_shapes, profile_memory
+            self.running = False
+
+        def start(self):
+            if self.running:
+                raise RuntimeError("profiler already started")
+            self.running = True
+
+        def stop(self):
+            if not self.running:
+                raise RuntimeError("profiler not started")
+            self.running = False
+            if self.on_trace_ready is not None:
+                self.on_trace_ready(self)
+
+    @staticmethod
+    def tensorboard_trace_handler(dir_name, worker_name=None, analyse_flag=True):
+        import os
+
+        def handler(prof):
+            out = os.path.join(dir_name, f"{worker_name or 'fake'}_ascend_pt")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "activities.txt"), "w") as f:
+                f.write(",".join(prof.activities))
+
+        return handler
+
+
+profiler = _FakeProfilerModule
