@@ -28,6 +28,9 @@ Communication of the unfused path (CCLoRA in ``cclora.py`` overlaps these with t
       marked ``sequence_parallel`` for the same TP sum of its grad.
 
 Collectives on ``a`` move tokens x r values, not tokens x hidden.
+
+On one rank (no collectives) the base GEMM accumulates into the adapter's product instead
+(``FrozenBaseLoraFunction``; ``FrozenAddmm`` under ``--recompute-method split``).
 """
 from __future__ import annotations
 
