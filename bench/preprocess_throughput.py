@@ -39,21 +39,67 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'user' %}{{ '<|im_start|>assistant\\n' }}{% endif %}{% endif %}{% endfor %}")
 
 
-def text(rng: random.Random, lo: int, hi: int) -> str:
+def text(rng: random.Random, lo: int, hi: int, prose: list[str] | None = None) -> str:
     if rng.random() < 0.2:
         return "".join(rng.choice(WORDS_ZH) for _ in range(rng.randint(lo, hi)))
+    if prose is not None:  # about 12 words a sentence
+        return " ".join(rng.choice(prose) for _ in range(max(1, rng.randint(lo, hi) // 12)))
     return " ".join(rng.choice(WORDS_EN) for _ in range(rng.randint(lo, hi)))
 
 
-def write_samples(path: str, n: int, seed: int = 0) -> None:
+def prose_sentences(half: int) -> list[str]:
+    """English sentences from the docstrings of the Python standard library's sources (read with ``ast``, not
+    imported), split by file into two halves: one trains the tokenizer, the other writes the samples."""
+    import ast
+    import glob
+    import re
+    import sysconfig
+    import zlib
+
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py"))):
+        if zlib.crc32(os.path.relpath(path, root).encode()) % 2 != half:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                        if 20 <= len(sentence) <= 300:
+                            out.append(sentence)
+    return out
+
+
+def write_samples(path: str, n: int, seed: int = 0, prose: list[str] | None = None) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
             messages = [{"role": "system", "content": SYSTEM}]
             for _ in range(1 if rng.random() < 0.8 else 2):
-                messages += [{"role": "user", "content": text(rng, 5, 40)},
-                             {"role": "assistant", "content": text(rng, 10, 120)}]
+                messages += [{"role": "user", "content": text(rng, 5, 40, prose)},
+                             {"role": "assistant", "content": text(rng, 10, 120, prose)}]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def make_tokenizer(kind: str, tok_dir: str) -> list[str] | None:
+    """Writes the tokenizer; returns the sentences the samples are drawn from (None: the word list)."""
+    from mindspeed_lora.tiny import build_tokenizer
+
+    if kind == "tiny":
+        build_tokenizer(tok_dir)
+        return None
+    # "prose": a 32k-vocabulary byte-level BPE (Qwen's special tokens) trained on held-out English prose plus
+    # Chinese text, so tokens per word are those of a real tokenizer, not of the 512-token test tokenizer
+    rng = random.Random(1)
+    zh = ["".join(rng.choice(WORDS_ZH) for _ in range(rng.randint(5, 40))) for _ in range(20_000)]
+    build_tokenizer(tok_dir, vocab_size=32_000, texts=prose_sentences(0) + zh)
+    return prose_sentences(1)
 
 
 def run_ours(data: str, tok_dir: str, prefix: str, workers: int) -> dict:
@@ -103,15 +149,13 @@ def throughput(args) -> dict:
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (imports are not part of the timing)
     import transformers  # noqa: F401
 
-    from mindspeed_lora.tiny import build_tokenizer
-
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = os.path.join(tmp, "tok")
-        build_tokenizer(tok_dir)
+        prose = make_tokenizer(args.tokenizer, tok_dir)
         transformers.AutoTokenizer.from_pretrained(tok_dir)  # transformers' lazy import scan: not timed either
         data = os.path.join(tmp, "data.jsonl")
-        write_samples(data, args.samples)
+        write_samples(data, args.samples, prose=prose)
         rows = []
         for r in range(args.repeat):
             load = os.getloadavg()[0]
@@ -175,15 +219,13 @@ def rss_child(data: str, tok_dir: str, prefix: str, workers: int) -> None:
 
 
 def memory(args) -> list[dict]:
-    from mindspeed_lora.tiny import build_tokenizer
-
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = os.path.join(tmp, "tok")
-        build_tokenizer(tok_dir)
+        prose = make_tokenizer(args.tokenizer, tok_dir)
         for n in args.rss_samples:
             data = os.path.join(tmp, f"data{n}.jsonl")
-            write_samples(data, n, seed=1)
+            write_samples(data, n, seed=1, prose=prose)
             p = subprocess.run([sys.executable, __file__, "--rss-child", data, tok_dir, os.path.join(tmp, f"m{n}/ds"),
                                 str(args.workers)], capture_output=True, text=True, env=dict(os.environ,
                                                                                           PYTHONWARNINGS="ignore"))
@@ -204,6 +246,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="throughput runs; medians are reported")
     p.add_argument("--rss-samples", type=int, nargs="*", default=[50_000, 500_000])
+    p.add_argument("--tokenizer", choices=["tiny", "prose"], default="tiny",
+                   help="tiny: the 512-token test tokenizer on a 30-word list (~2.5 tokens a word); prose: a "
+                        "32k-vocabulary BPE trained on held-out English prose, samples drawn from other prose")
     p.add_argument("--rss-child", nargs=4, metavar=("DATA", "TOKENIZER", "PREFIX", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:

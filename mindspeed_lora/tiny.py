@@ -30,8 +30,10 @@ def corpus() -> list[str]:
     return _CORPUS * 20
 
 
-def build_tokenizer(out_dir: str, vocab_size: int = 512):
-    """Train and save a byte-level BPE tokenizer with Qwen-style special tokens; returns the HF tokenizer."""
+def build_tokenizer(out_dir: str, vocab_size: int = 512, texts: list[str] | None = None):
+    """Train and save a byte-level BPE tokenizer with Qwen-style special tokens; returns the HF tokenizer.
+
+    ``texts``: the training corpus (default: the bundled tiny corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +44,7 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
