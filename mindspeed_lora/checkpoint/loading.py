@@ -21,24 +21,39 @@ from mindspeed_lora.models.builder import ParallelOptions, layer_counts
 from mindspeed_lora.models.family import read_hf_config
 
 
-def is_megatron_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, megatron_io.METADATA))
+@dataclasses.dataclass(frozen=True)
+class LoadSource:
+    """What a ``--load`` directory holds."""
+
+    path: str
+    kind: str
+    """"hf" (an HF model directory) or "megatron" (a converted or training checkpoint)."""
+    metadata: dict | None = None
+    """A Megatron checkpoint's ``mindspeed_lora.json``."""
 
 
-def resolve_arch(load_dir: str) -> ModelArch:
+def inspect_load_dir(path: str, what: str = "--load") -> LoadSource:
+    """An HF model dir or a Megatron checkpoint of this project; anything else is a UserError saying why."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path}: no such directory")
+    meta = megatron_io.read_metadata(path)
+    if meta is not None:
+        return LoadSource(path, "megatron", meta)
+    if os.path.isfile(os.path.join(path, megatron_io.LATEST)):
+        raise UserError(f"{what} {path}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF "
+                        "model with this project's convert_ckpt.py (it records the architecture), or pass the "
+                        f"HF model directory to {what}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return LoadSource(path, "hf")
+    raise UserError(f"{what} {path}: neither a Megatron checkpoint ({megatron_io.LATEST} + {megatron_io.METADATA}) "
+                    "nor an HF model directory (config.json)")
+
+
+def resolve_arch(load_dir: str, what: str = "--load") -> ModelArch:
     """The architecture saved beside a Megatron checkpoint (``mindspeed_lora.json``), or an HF dir's config.json."""
-    if not os.path.isdir(load_dir):
-        raise UserError(f"{load_dir}: no such directory")
-    if is_megatron_dir(load_dir):
-        return MegatronCheckpoint(load_dir, "checkpoint").arch
-    if os.path.isfile(os.path.join(load_dir, megatron_io.LATEST)):
-        raise UserError(f"{load_dir}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF model "
-                        "with this project's convert_ckpt.py, which records the architecture")
-    config = os.path.join(load_dir, "config.json")
-    if not os.path.isfile(config):
-        raise UserError(f"{load_dir}: neither a Megatron checkpoint ({megatron_io.METADATA}) nor an HF model dir "
-                        "(config.json)")
-    return ModelArch.from_hf_config(read_hf_config(load_dir), config)
+    if inspect_load_dir(load_dir, what).kind == "megatron":
+        return MegatronCheckpoint(load_dir, what).arch
+    return ModelArch.from_hf_config(read_hf_config(load_dir), os.path.join(load_dir, "config.json"))
 
 
 def resolve_lora_config(lora_dir: str):
@@ -51,7 +66,14 @@ def resolve_lora_config(lora_dir: str):
     return LoraConfig.from_dict(ckpt.lora.to_metadata(), os.path.join(lora_dir, megatron_io.METADATA))
 
 
-def _check_layout(ckpt: MegatronCheckpoint, arch: ModelArch, parallel: ParallelOptions) -> None:
+def check_layout(ckpt: MegatronCheckpoint, arch: ModelArch, parallel: ParallelOptions) -> None:
+    """Refuse a checkpoint of another model, or one saved with another TP/PP layout than this run's."""
+    # the model first: resharding cannot fix a different one
+    diffs = [f"{f.name} {getattr(ckpt.arch, f.name)!r} vs {getattr(arch, f.name)!r}"
+             for f in dataclasses.fields(ModelArch)
+             if f.name != "torch_dtype" and getattr(ckpt.arch, f.name) != getattr(arch, f.name)]
+    if diffs:
+        raise UserError(f"{ckpt.what} {ckpt.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     counts, saved = layer_counts(arch, parallel), layer_counts(ckpt.arch, ckpt.parallel)
     if (ckpt.tp, ckpt.pp) != (tp, pp) or counts != saved:
@@ -61,21 +83,13 @@ def _check_layout(ckpt: MegatronCheckpoint, arch: ModelArch, parallel: ParallelO
             f"convert_ckpt.py --load-model-type mg --save-model-type mg --load-dir {ckpt.path} --save-dir NEW_DIR "
             f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}"
             + (f" --num-layer-list {','.join(map(str, counts))}" if pp > 1 else ""))
-    diffs = [f"{f.name} {getattr(ckpt.arch, f.name)!r} vs {getattr(arch, f.name)!r}"
-             for f in dataclasses.fields(ModelArch)
-             if f.name != "torch_dtype" and getattr(ckpt.arch, f.name) != getattr(arch, f.name)]
-    if diffs:
-        raise UserError(f"{ckpt.what} {ckpt.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
 
 
-def _model_params(model, adapters: bool) -> dict[str, torch.Tensor]:
-    """The model's weights as a checkpoint names them: base (``.base_layer.`` folded away) or adapter keys."""
-    out = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if k.endswith("_extra_state") or (".lora_" in k) != adapters:
-            continue
-        out[k.replace(".base_layer.", ".")] = v
-    return out
+def params_by_checkpoint_key(model, adapters: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights as a checkpoint names them: base weights (``.base_layer.`` folded away), or with
+    ``adapters`` the LoRA A/B only; never megatron's ``_extra_state``."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
+            if not k.endswith("_extra_state") and (".lora_" in k) == adapters}
 
 
 def _copy_shard(model_params: dict, ckpt: MegatronCheckpoint, keys: set[str], tp_rank: int, pp_rank: int) -> None:
@@ -96,20 +110,19 @@ def _copy_shard(model_params: dict, ckpt: MegatronCheckpoint, keys: set[str], tp
 def load_base_weights(model, load_dir: str, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
                       pp_rank: int) -> None:
     """Copy this rank's base weights from an HF dir or a Megatron checkpoint into ``model`` (stage ``pp_rank``)."""
-    if not is_megatron_dir(load_dir):
+    if inspect_load_dir(load_dir).kind == "hf":
         from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
         from mindspeed_lora.checkpoint.weight_map import load_hf_weights
 
-        resolve_arch(load_dir)  # a clear message for a dir that is neither layout
         load_hf_weights(model, HFCheckpointReader(load_dir), arch, parallel, tp_rank, pp_rank)
         return
     ckpt = MegatronCheckpoint(load_dir, "--load")
-    _check_layout(ckpt, arch, parallel)
+    check_layout(ckpt, arch, parallel)
     if not ckpt.has_base:
         raise UserError(f"--load {load_dir}: holds LoRA tensors only; the base model's checkpoint goes to --load "
                         "and this one to --lora-load")
     keys = {k for k in ckpt.shard_keys(tp_rank, pp_rank) if ".lora_" not in k}
-    _copy_shard(_model_params(model, adapters=False), ckpt, keys, tp_rank, pp_rank)
+    _copy_shard(params_by_checkpoint_key(model, adapters=False), ckpt, keys, tp_rank, pp_rank)
 
 
 def load_lora_weights(model, lora_dir: str, lora_config, parallel: ParallelOptions, tp_rank: int,
@@ -125,9 +138,9 @@ def load_lora_weights(model, lora_dir: str, lora_config, parallel: ParallelOptio
         raise UserError(f"--lora-load {lora_dir}: no LoRA tensors (lora_A / lora_B) in its shards")
     wanted = LoraCheckpointConfig.of(lora_config) if lora_config is not None else None
     lora = ckpt.adapter_config(wanted)
-    _check_layout(ckpt, ckpt.arch, parallel)
+    check_layout(ckpt, ckpt.arch, parallel)
     keys = {k for k in ckpt.shard_keys(tp_rank, pp_rank) if ".lora_" in k}
-    params = _model_params(model, adapters=True)
+    params = params_by_checkpoint_key(model, adapters=True)
     if not params:
         raise UserError(f"--lora-load {lora_dir}: the model has no LoRA layers (LoRA targets "
                         f"{list(lora.target_modules)} expected)")

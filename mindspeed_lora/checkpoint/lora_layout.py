@@ -22,24 +22,13 @@ from dataclasses import dataclass
 from mindspeed_lora.arguments.common import LORA_TARGETS
 from mindspeed_lora.checkpoint.weight_map import BoundRule, stage_rules
 from mindspeed_lora.errors import UserError
+from mindspeed_lora.lora.config import expand_targets
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
 from mindspeed_lora.models.family import COLUMN, GATE_UP, QKV, REPLICATED, ROW
 
 PEFT_PREFIX = "base_model.model."
 _COLUMN_KINDS = (QKV, GATE_UP, COLUMN)
-
-
-def expand_targets(targets, source: str = "--lora-target-modules") -> tuple[str, ...]:
-    """Validated megatron target names in table order; ``all-linear`` means all four."""
-    targets = list(targets)
-    if "all-linear" in targets:
-        return LORA_TARGETS
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown:
-        raise UserError(f"{source}: unknown LoRA target {unknown[0]!r}; expected some of {list(LORA_TARGETS)} "
-                        "or all-linear")
-    return tuple(t for t in LORA_TARGETS if t in targets)
 
 
 @dataclass(frozen=True)
@@ -55,9 +44,7 @@ class LoraCheckpointConfig:
     def __post_init__(self):
         if self.r < 1:
             raise UserError(f"LoRA rank r={self.r}: expected >= 1")
-        object.__setattr__(self, "target_modules", expand_targets(self.target_modules))
-        if not self.target_modules:
-            raise UserError("LoRA target_modules is empty: expected some of " + " ".join(LORA_TARGETS))
+        object.__setattr__(self, "target_modules", tuple(expand_targets(self.target_modules)))
 
     @property
     def scaling(self) -> float:
@@ -72,8 +59,11 @@ class LoraCheckpointConfig:
         missing = [k for k in ("r", "alpha", "target_modules") if k not in d]
         if missing:
             raise UserError(f"{source}: LoRA config lacks {missing}")
-        return cls(r=int(d["r"]), alpha=d["alpha"], target_modules=tuple(d["target_modules"]),
-                   dropout=float(d.get("dropout", 0.0)), use_rslora=bool(d.get("use_rslora", False)))
+        try:
+            return cls(r=int(d["r"]), alpha=d["alpha"], target_modules=d["target_modules"],
+                       dropout=float(d.get("dropout", 0.0)), use_rslora=bool(d.get("use_rslora", False)))
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from e
 
     @classmethod
     def of(cls, obj) -> "LoraCheckpointConfig":

@@ -8,11 +8,12 @@ hooks), then wrapped in megatron's DistributedDataParallel.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
-from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.checkpoint import loading
+from mindspeed_lora.checkpoint.loading import LoadSource, inspect_load_dir  # noqa: F401 (inference imports it here)
+from mindspeed_lora.checkpoint.sources import MegatronCheckpoint
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch, dtype_name
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model, layer_counts
@@ -20,37 +21,9 @@ from mindspeed_lora.training import positions
 from mindspeed_lora.training.config import ModelSetup, TrainingConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadSource:
-    """What ``--load`` points at."""
-
-    path: str
-    kind: str
-    """"hf" (an HF model directory) or "megatron" (a converted or training checkpoint)."""
-    metadata: dict | None = None
-
-
-def inspect_load_dir(path: str) -> LoadSource:
-    if not os.path.isdir(path):
-        raise UserError(f"--load {path}: no such directory")
-    meta = megatron_io.read_metadata(path)
-    if meta is not None:
-        return LoadSource(path, "megatron", meta)
-    if os.path.isfile(os.path.join(path, megatron_io.LATEST)):
-        raise UserError(f"--load {path}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF "
-                        "model with this project's convert_ckpt.py (it records the architecture), or pass the "
-                        "HF model directory to --load")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return LoadSource(path, "hf")
-    raise UserError(f"--load {path}: neither a Megatron checkpoint ({megatron_io.LATEST} + {megatron_io.METADATA}) "
-                    "nor an HF model directory (config.json)")
-
-
 def resolve_arch(source: LoadSource, setup: ModelSetup) -> ModelArch:
     """The checkpoint's architecture with command-line overrides applied and checked."""
-    from mindspeed_lora.checkpoint.loading import resolve_arch as checkpoint_arch
-
-    arch = checkpoint_arch(source.path)
+    arch = loading.resolve_arch(source.path)
     if setup.arch_overrides:
         arch = dataclasses.replace(arch, **setup.arch_overrides)
     where = f"--load {source.path}"
@@ -68,26 +41,7 @@ def resolve_arch(source: LoadSource, setup: ModelSetup) -> ModelArch:
 
 def check_layout(source: LoadSource, arch: ModelArch, parallel: ParallelOptions, what: str = "--load") -> None:
     """Refuse a Megatron checkpoint whose TP/PP layout or architecture differs from this run."""
-    meta = source.metadata
-    path = os.path.join(source.path, megatron_io.METADATA)
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    ck_tp, ck_pp = meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size")
-    counts = layer_counts(arch, parallel)
-    ck_counts = meta.get("num_layer_list")
-    if (ck_tp, ck_pp) != (tp, pp) or (pp > 1 and ck_counts is not None and list(ck_counts) != counts):
-        raise UserError(
-            f"{what} {source.path}: saved with tensor-model-parallel-size {ck_tp}, pipeline-model-parallel-size "
-            f"{ck_pp} (layers per stage {ck_counts}); this run uses {tp}, {pp} ({counts}). Reshard it with "
-            f"convert_ckpt.py --load-model-type mg --save-model-type mg --target-tensor-parallel-size {tp} "
-            f"--target-pipeline-parallel-size {pp}"
-        )
-    if "arch" in meta:
-        saved = ModelArch.from_dict(meta["arch"], path)
-        diffs = [f"{f.name} {getattr(saved, f.name)!r} vs {getattr(arch, f.name)!r}"
-                 for f in dataclasses.fields(ModelArch)
-                 if f.name != "torch_dtype" and getattr(saved, f.name) != getattr(arch, f.name)]
-        if diffs:
-            raise UserError(f"{what} {source.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
+    loading.check_layout(MegatronCheckpoint(source.path, what), arch, parallel)
 
 
 def model_options(cfg: TrainingConfig, lora_hooks: list) -> ModelOptions:
@@ -119,17 +73,12 @@ def build_stage_model(arch: ModelArch, cfg: TrainingConfig, options: ModelOption
 
 def checkpoint_weight_keys(model) -> dict[str, torch.Tensor]:
     """Model weights as a checkpoint names them: no megatron _extra_state, ``.base_layer.`` folded away."""
-    from mindspeed_lora.checkpoint.weight_map import is_weight_key
-
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
-            if is_weight_key(k)}
+    return loading.params_by_checkpoint_key(model)
 
 
 def load_base_weights(model, source: LoadSource, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
                       pp_rank: int) -> None:
     """This rank's base weights from the HF dir or Megatron checkpoint (``checkpoint.loading``, streamed)."""
-    from mindspeed_lora.checkpoint import loading
-
     loading.load_base_weights(model, source.path, arch, parallel, tp_rank, pp_rank)
 
 

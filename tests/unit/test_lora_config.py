@@ -76,3 +76,21 @@ def test_importing_the_config_does_not_load_megatron():
     code = ("import sys; from mindspeed_lora.lora import LoraConfig; "
             "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checkpoint_side_config_expands_and_refuses_targets_as_the_flags_do():
+    """lora_layout's config (what convert_ckpt and the loaders read from mindspeed_lora.json) takes the same
+    names, in the same order, with the same messages, and says which file a bad entry came from."""
+    from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig
+
+    assert LoraCheckpointConfig(r=4, alpha=8, target_modules=("linear_fc2", "all-linear")).target_modules == \
+        tuple(ALL)
+    ck = LoraCheckpointConfig.from_metadata({"r": 4, "alpha": 8, "target_modules": "linear_fc1"}, "m.json")
+    assert ck.target_modules == ("linear_fc1",)
+    for targets in ([], ["q_proj"]):
+        with pytest.raises(UserError) as flags:
+            LoraConfig(target_modules=targets)
+        with pytest.raises(UserError) as meta:
+            LoraCheckpointConfig.from_metadata({"r": 4, "alpha": 8, "target_modules": targets}, "m.json key 'lora'")
+        assert str(meta.value) == f"m.json key 'lora': {flags.value}"
+    assert "HF names like q_proj are not accepted" in str(meta.value)

@@ -8,7 +8,7 @@ import torch
 from mindspeed_lora.arguments import parse_args
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.training.config import training_config_from_args
-from mindspeed_lora.training.model import LoadSource, check_layout, inspect_load_dir, resolve_arch
+from mindspeed_lora.training.model import check_layout, inspect_load_dir, resolve_arch
 
 # the flag set of a MindSpeed-LLM Qwen3 full fine-tuning script (examples/mcore/qwen3/tune_*_full.sh)
 MINDSPEED_SCRIPT = """
@@ -129,21 +129,48 @@ def test_architecture_from_hf_config_with_overrides_and_refusals(tmp_path):
         inspect_load_dir(str(tmp_path / "missing"))
 
 
+def _megatron_dir(path, arch, tp=1, pp=1, num_layer_list=None):
+    """A minimal checkpoint of this project: metadata, latest iteration and shard (0, 0) of one tensor."""
+    from mindspeed_lora.checkpoint import megatron_io
+
+    iter_dir = path / megatron_io.iteration_dir_name(1)
+    megatron_io.atomic_torch_save({"model": {"embedding.word_embeddings.weight": torch.zeros(2, 2)}},
+                                  megatron_io.shard_path(str(iter_dir), 0, 0, pp))
+    (path / megatron_io.LATEST).write_text("1")
+    megatron_io.write_metadata(str(path), {"arch": arch.to_dict(), "tensor_model_parallel_size": tp,
+                                           "pipeline_model_parallel_size": pp, "num_layer_list": num_layer_list})
+    return str(path)
+
+
 def test_checkpoint_of_another_layout_or_model_refused(tmp_path):
+    import dataclasses
+
     from mindspeed_lora.models.builder import ParallelOptions
 
     src = inspect_load_dir(_hf_dir(tmp_path, "qwen3"))
     arch = resolve_arch(src, cfg_of(BASE).model)
-    meta = {"arch": arch.to_dict(), "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-            "num_layer_list": [2]}
-    ck = LoadSource("/ck", "megatron", meta)
+    ck = inspect_load_dir(_megatron_dir(tmp_path / "ck", arch))
+    assert ck.kind == "megatron" and ck.metadata["tensor_model_parallel_size"] == 1
+    assert resolve_arch(ck, cfg_of(BASE).model) == arch
     check_layout(ck, arch, ParallelOptions())
     with pytest.raises(UserError, match="tensor-model-parallel-size 1, pipeline-model-parallel-size 1 .* "
                                         "this run uses 2, 1"):
         check_layout(ck, arch, ParallelOptions(tensor_model_parallel_size=2))
-    with pytest.raises(UserError, match="this run uses 1, 2"):
+    with pytest.raises(UserError, match=r"this run uses 1, 2 \(\[1, 1\]\).*--num-layer-list 1,1"):
         check_layout(ck, arch, ParallelOptions(pipeline_model_parallel_size=2))
-    import dataclasses
-
+    # another model is named as such even when its layer count (and so its layout) differs too
+    with pytest.raises(UserError, match="--lora-load .*a different model .*num_layers 2 vs 4"):
+        check_layout(ck, dataclasses.replace(arch, num_layers=4), ParallelOptions(), what="--lora-load")
     with pytest.raises(UserError, match="a different model .*hidden_size 64 vs 128"):
         check_layout(ck, dataclasses.replace(arch, hidden_size=128), ParallelOptions())
+    pp2 = inspect_load_dir(_megatron_dir(tmp_path / "pp2", arch, pp=2, num_layer_list=[1, 1]))
+    with pytest.raises(UserError, match=r"layers per stage \[1, 1\]"):
+        check_layout(pp2, arch, ParallelOptions())
+
+
+def test_megatron_checkpoint_without_metadata_refused(tmp_path):
+    from mindspeed_lora.checkpoint import megatron_io
+
+    (tmp_path / megatron_io.LATEST).write_text("1")
+    with pytest.raises(UserError, match="--load .*: a Megatron checkpoint without mindspeed_lora.json; convert"):
+        inspect_load_dir(str(tmp_path))
