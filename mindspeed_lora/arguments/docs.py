@@ -9,6 +9,17 @@ import argparse
 from mindspeed_lora.arguments import SCRIPT_GROUPS, build_parser
 
 
+def _cell(text: str) -> str:
+    """Text as a Markdown table cell: one line, pipes escaped, and ``<`` ``>`` as entities outside `code`
+    spans (a Markdown renderer takes ``<NAME>`` for an HTML tag and shows nothing)."""
+    parts = text.replace("\n", " ").split("`")
+    for i, part in enumerate(parts):
+        # even parts are outside code spans; so is the tail after an unmatched backtick
+        if i % 2 == 0 or i == len(parts) - 1:
+            parts[i] = part.replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts).replace("|", "\\|")
+
+
 def _flag_rows(parser: argparse.ArgumentParser) -> list[str]:
     lines = []
     for group in parser._action_groups:
@@ -19,11 +30,10 @@ def _flag_rows(parser: argparse.ArgumentParser) -> list[str]:
         for a in actions:
             names = ", ".join(f"`{s}`" for s in a.option_strings)
             if a.choices:
-                names += " {" + "\\|".join(str(c) for c in a.choices) + "}"
+                names += " {" + "\\|".join(_cell(str(c)) for c in a.choices) + "}"
             default = "" if a.default in (None, argparse.SUPPRESS) or isinstance(a, argparse._StoreTrueAction) \
                 else f"`{a.default}`"
-            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {names} | {default} | {text} |")
+            lines.append(f"| {names} | {default} | {_cell(a.help or '')} |")
     return lines
 
 

@@ -204,6 +204,8 @@ def add_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-on-missing-checkpoint", action="store_true", help="always on: a missing --load fails")
     g.add_argument("--log-throughput", action="store_true", help="always on")
     g.add_argument("--no-shared-storage", action="store_true",
-                   help="accepted; every rank reads the dataset and writes its own checkpoint shard")
+                   help="accepted and ignored: MindSpeed-LLM builds dataset caches per node with it; here every rank "
+                        "memory-maps the dataset and orders samples in memory, so nothing is cached. --save still "
+                        "needs a filesystem all nodes share (docs/multinode.md)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true",
                    help="always on: a NaN/inf loss stops the run, the last checkpoint stays the latest")

@@ -98,3 +98,18 @@ def test_every_doc_page_is_linked_from_getting_started():
         name = os.path.basename(page)
         if page.startswith(DOCS) and name != "getting_started.md":
             assert f"]({name}" in text, f"docs/getting_started.md does not link {name}"
+
+
+def test_help_text_renders_as_written_in_markdown():
+    """< and > become entities (a renderer would take <NAME> for an HTML tag and show nothing) except inside
+    `code`, where they show literally; pipes are escaped so they cannot split the table row."""
+    import argparse
+
+    from mindspeed_lora.arguments.docs import _flag_rows
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--x", choices=["a<b", "c"], help="replaces <NAME>; `<tag>` kept; a|b; mg -> hf\nnext")
+    row = _flag_rows(p)[-1]
+    assert row == ("| `--x` {a&lt;b\\|c} |  | replaces &lt;NAME&gt;; `<tag>` kept; a\\|b; mg -&gt; hf next |")
+    outside_code = [part for line in render().splitlines() for part in line.split("`")[::2]]
+    assert not [part for part in outside_code if "<" in part or ">" in part]
