@@ -79,7 +79,8 @@ def tiny_hf_config(family: str, vocab_size: int = 512, **overrides):
 
 def build_hf_model(family: str, out_dir: str | None = None, seed: int = 0, dtype: str = "float32",
                    **overrides):
-    """A tiny random HF causal LM (weights std 0.02, norms randomised too); saved to ``out_dir`` if given."""
+    """A tiny random HF causal LM (weights std ``initializer_range``, 0.02 unless overridden; norms randomised
+    too); saved to ``out_dir`` if given."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -105,9 +106,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output HF model directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--initializer-range", type=float, default=None,
+                   help="std of the random weight matrices (default: transformers' 0.02)")
     a = p.parse_args(argv)
+    overrides = {} if a.initializer_range is None else {"initializer_range": a.initializer_range}
     build_tokenizer(a.out)
-    build_hf_model(a.family, a.out, seed=a.seed, dtype=a.dtype)
+    build_hf_model(a.family, a.out, seed=a.seed, dtype=a.dtype, **overrides)
     print(f"tiny {a.family} model and tokenizer written to {a.out}")
 
 

@@ -28,11 +28,7 @@ step() { echo; echo "== $1  [${SECONDS}s]"; }
 step "1/7 a tiny Qwen3 model (2 layers, hidden 64, vocab 512) and its tokenizer -> $WORK/hf"
 # initializer_range 0.2 instead of the usual 0.02: at hidden size 64 the frozen random output layer would
 # otherwise bound every logit near 1, and LoRA (which leaves that layer alone) could never make the answer likely
-python -c "
-from mindspeed_lora import tiny
-tiny.build_tokenizer('$WORK/hf')
-tiny.build_hf_model('qwen3', '$WORK/hf', seed=0, initializer_range=0.2)
-print('tiny qwen3 model and tokenizer written to $WORK/hf')"
+python -m mindspeed_lora.tiny --family qwen3 --out "$WORK/hf" --seed 0 --initializer-range 0.2
 
 step "2/7 preprocess the demo data (self-cognition as $MODEL_NAME by $MODEL_AUTHOR, plus Alpaca) -> $WORK/data"
 python preprocess_data.py \
