@@ -10,6 +10,7 @@ without packing, longer than the pack capacity with it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -56,62 +57,42 @@ class EncoderState:
     options: EncodeOptions
 
 
-class _Stream:
-    """The sequences of one output (all samples, or all chosen / all rejected answers) of a chunk, flat.
+class _Index(dict):
+    """Piece -> its position in the chunk's table, numbering new pieces as they come (a chunk's repeated
+    pieces, e.g. a shared system prompt, are tokenized once)."""
 
-    Labels and the attention mask are built with numpy at the end from the ranges recorded here, not token
-    by token in Python.
-    """
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.lengths: list[int] = []
-        self.masked: list[tuple[int, int]] = []  # label -100
-        self.padding: list[tuple[int, int]] = []  # attention_mask 0
-        self.eos_at: list[int] = []  # efficient_eos: labelled eos
-
-    def add(self, segments, pad: int, pad_id: int) -> None:
-        """segments: (ids, trained, eos_first) in order; then ``pad`` padding tokens."""
-        ids = self.ids
-        begin = len(ids)
-        for seg, trained, eos_first in segments:
-            if not seg:
-                continue
-            s = len(ids)
-            ids += seg
-            if not trained:
-                if eos_first:
-                    self.eos_at.append(s)
-                    s += 1
-                if s < len(ids):
-                    self.masked.append((s, len(ids)))
-        if pad:
-            s = len(ids)
-            ids += [pad_id] * pad
-            self.masked.append((s, s + pad))
-            self.padding.append((s, s + pad))
-        self.lengths.append(len(ids) - begin)
-
-    def arrays(self, eos_id: int | None):
-        ids = np.asarray(self.ids, dtype=np.int32)
-        lengths = np.asarray(self.lengths, dtype=np.int32)
-        labels = ids.copy()
-        labels[_in_ranges(self.masked, ids.size)] = IGNORE_INDEX
-        if self.eos_at:
-            labels[self.eos_at] = eos_id
-        mask = np.ones_like(ids)
-        mask[_in_ranges(self.padding, ids.size)] = 0
-        return ids, labels, mask, lengths
+    def __missing__(self, key):
+        self[key] = n = len(self)
+        return n
 
 
-def _in_ranges(ranges: list[tuple[int, int]], n: int) -> np.ndarray:
-    """Boolean mask of the positions inside disjoint, non-empty [start, end) ranges."""
-    delta = np.zeros(n + 1, dtype=np.int32)
-    if ranges:
-        r = np.asarray(ranges, dtype=np.int64)
-        delta[r[:, 0]] += 1
-        delta[r[:, 1]] -= 1
-    return np.cumsum(delta[:-1]) > 0
+@dataclass
+class _Layout:
+    """A chunk's sequences as references into a table of token-id lists, in output order: sequences are
+    sample-major (sample 0's streams, then sample 1's), a sequence is segments, a segment is pieces.
+
+    The tokens, labels and masks are then built for the whole chunk at once with numpy (``_assemble``)
+    rather than list by list in Python."""
+
+    refs: list[int] = field(default_factory=list)  # table position of each piece
+    seg_pieces: list[int] = field(default_factory=list)
+    seg_trained: list[bool] = field(default_factory=list)
+    seg_eos: list[bool] = field(default_factory=list)  # efficient_eos: the first token is labelled eos
+    seq_segments: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)  # position in the chunk of each laid-out sample
+
+    def segment(self, refs, trained: bool, eos: bool = False) -> None:
+        self.refs += refs
+        self.seg_pieces.append(len(refs))
+        self.seg_trained.append(trained)
+        self.seg_eos.append(eos)
+
+
+def _ends(counts) -> np.ndarray:
+    """[0, c0, c0 + c1, ...]: where each run of ``counts`` ends (with a leading 0)."""
+    ends = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ends[1:])
+    return ends
 
 
 class SampleEncoder:
@@ -131,104 +112,137 @@ class SampleEncoder:
                 result.errors.append((i, e.kind, e.message))
         kind = self.handler.kind
         if kind == "pretrain":
-            streams = self._pretrain(converted, result)
+            table, layout = self._pretrain(converted, result)
+            names = self.handler.json_keys
         else:
-            streams = self._chat(converted, result, 1 if kind == "sft" else 2)
-        eos = self.template.eos_id if self.template is not None else None
-        for name, stream in zip(self._stream_names(), streams):
-            ids, labels, mask, lengths = stream.arrays(eos)
-            result.tokens += int(lengths.sum())
-            result.padding_tokens += int(np.count_nonzero(mask == 0))
-            if kind == "pretrain":
-                result.arrays[name] = (ids, lengths)
-                continue
-            result.trained_tokens += int(np.count_nonzero(labels != IGNORE_INDEX))
-            result.arrays[name + "input_ids"] = (ids, lengths)
-            result.arrays[name + "labels"] = (labels, lengths)
-            if kind == "sft" and self.options.attention_mask:
-                result.arrays["attention_mask"] = (mask, lengths)
+            table, layout = self._chat(converted)
+            names = ("",) if kind == "sft" else ("chosen_", "rejected_")
+        self._assemble(table, layout, names, result)
         return result
-
-    def _stream_names(self):
-        kind = self.handler.kind
-        return self.handler.json_keys if kind == "pretrain" else ("",) if kind == "sft" else ("chosen_", "rejected_")
 
     # -- pretraining text
 
     def _pretrain(self, converted, result):
         o = self.options
         keys = self.handler.json_keys
-        streams = [_Stream() for _ in keys]
         texts = [t for _, sample in converted for t in sample]
-        ids = iter(self.text.encode_documents(texts))
-        tail = [o.eod_id] if o.append_eod else []
-        for i, sample in converted:
-            docs = [next(ids) + tail for _ in keys]
+        table = self.text.encode_documents(texts)
+        tail = []
+        if o.append_eod:
+            tail = [len(table)]
+            table.append([o.eod_id])
+        layout = _Layout()
+        for k, (i, sample) in enumerate(converted):
             if any(not t for t in sample):
                 result.drops.append((i, "empty text"))
                 continue
-            for stream, doc in zip(streams, docs):
-                stream.add([(doc, True, False)], -len(doc) % o.pad_to_multiple_of, o.pad_id)
-        return streams
+            layout.samples.append(i)
+            for j in range(len(keys)):
+                layout.segment([k * len(keys) + j] + tail, True)
+                layout.seq_segments.append(1)
+        return table, layout
 
     # -- conversations and preference pairs
 
-    def _chat(self, converted, result, n_streams):
+    def _chat(self, converted):
         o, t = self.options, self.template
-        strings: dict[str, int] = {}
-        plans = []  # per sample, per stream: [(refs, trained)]; ref >= 0: a string, ref < 0: token id -ref - 1
-
-        def refs(pieces):
-            return [strings.setdefault(p, len(strings)) if isinstance(p, str) else -p - 1 for p in pieces]
-
+        index = _Index()
+        piece = index.__getitem__
+        layout = _Layout()
+        tail = list(map(piece, ([t.eos_id] if t.spec.efficient_eos else []) + ([o.eod_id] if o.append_eod else [])))
+        # efficient_eos: answers carry no eos token; in multi-turn SFT the label of each later prompt's first
+        # token is eos instead, so the answer before it learns to end (MindSpeed-LLM / LLaMA-Factory do this)
+        eos_first = t.spec.efficient_eos
         for i, sample in converted:
+            layout.samples.append(i)
             if isinstance(sample, Conversation):
                 segments = t.render(sample.system, sample.messages, o.enable_thinking)
-                plans.append((i, [[(refs(p), trained) for p, trained in segments]]))
+                for k, (pieces, trained) in enumerate(segments):
+                    layout.segment(list(map(piece, pieces)), trained, eos_first and k > 0 and not trained)
+                layout.segment(tail, True)
+                layout.seq_segments.append(len(segments) + 1)
             else:  # a preference pair: only the final answer is trained
-                seqs = []
                 for answer in (sample.chosen, sample.rejected):
                     segments = t.render(sample.system, sample.prompt + [("assistant", answer)], o.enable_thinking)
                     last = len(segments) - 1
-                    seqs.append([(refs(p), k == last) for k, (p, _) in enumerate(segments)])
-                plans.append((i, seqs))
-        encoded = self.text.encode(list(strings))
-        tail = ([t.eos_id] if t.spec.efficient_eos else []) + ([o.eod_id] if o.append_eod else [])
-        streams = [_Stream() for _ in range(n_streams)]
-        # efficient_eos: answers carry no eos token; in multi-turn SFT the label of each later prompt's first
-        # token is eos instead, so the answer before it learns to end (MindSpeed-LLM / LLaMA-Factory do this)
-        eos_first = t.spec.efficient_eos and n_streams == 1
-        for i, seqs in plans:
-            built = []
-            for seq in seqs:
-                segments = []
-                for k, (seg_refs, trained) in enumerate(seq):
-                    seg = []
-                    for r in seg_refs:
-                        if r >= 0:
-                            seg += encoded[r]
-                        else:
-                            seg.append(-r - 1)
-                    segments.append((seg, trained, eos_first and k > 0 and not trained))
-                segments.append((tail, True, False))
-                length = sum(len(s) for s, _, _ in segments)
-                built.append((segments, length, -length % o.pad_to_multiple_of))
-            reason = self._drop_reason(built)
-            if reason:
-                result.drops.append((i, reason))
-                continue
-            for stream, (segments, _, pad) in zip(streams, built):
-                stream.add(segments, pad, o.pad_id)
-        return streams
+                    for k, (pieces, _) in enumerate(segments):
+                        layout.segment(list(map(piece, pieces)), k == last)
+                    layout.segment(tail, True)
+                    layout.seq_segments.append(len(segments) + 1)
+        # pieces are strings to tokenize (each on its own, as MindSpeed-LLM does) or token ids
+        keys = list(index)
+        encoded = iter(self.text.encode([k for k in keys if type(k) is str]))
+        table = [next(encoded) if type(k) is str else [k] for k in keys]
+        return table, layout
 
-    def _drop_reason(self, built) -> str | None:
+    # -- the chunk's arrays
+
+    def _assemble(self, table, layout: _Layout, names, result: ChunkResult) -> None:
         o = self.options
-        for _, length, pad in built:
-            if length == 0:
-                return "empty sample"
-            if o.max_length is not None and length + pad > o.max_length:
-                return o.too_long
-        return None
+        chat = self.handler.kind != "pretrain"
+        n_streams = len(names)
+        # every piece's tokens, gathered from the table in output order
+        entry_len = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+        entry_start = _ends(entry_len)
+        flat = np.fromiter(itertools.chain.from_iterable(table), dtype=np.int32, count=int(entry_start[-1]))
+        refs = np.asarray(layout.refs, dtype=np.int64)
+        piece_len = entry_len[refs]
+        piece_end = _ends(piece_len)
+        n_tokens = int(piece_end[-1])
+        ids = flat[np.repeat(entry_start[refs] - piece_end[:-1], piece_len) + np.arange(n_tokens)]
+        seg_start = piece_end[_ends(layout.seg_pieces)]
+        seg_len = np.diff(seg_start)
+        seq_start = seg_start[_ends(layout.seq_segments)]
+        seq_len = np.diff(seq_start)
+        pad = -seq_len % o.pad_to_multiple_of
+
+        keep = np.ones(len(layout.samples), dtype=bool)
+        if chat:
+            too_long = (seq_len + pad > o.max_length) if o.max_length is not None else np.zeros_like(seq_len, bool)
+            bad = ((seq_len == 0) | too_long).reshape(-1, n_streams)
+            for s in np.flatnonzero(bad.any(axis=1)):
+                keep[s] = False
+                first = s * n_streams + int(np.argmax(bad[s]))
+                result.drops.append((layout.samples[s], "empty sample" if seq_len[first] == 0 else o.too_long))
+            labels = np.where(np.repeat(np.asarray(layout.seg_trained, dtype=bool), seg_len), ids, IGNORE_INDEX)
+            labels = labels.astype(np.int32, copy=False)
+            eos_at = np.asarray(layout.seg_eos, dtype=bool) & (seg_len > 0)
+            if eos_at.any():
+                labels[seg_start[:-1][eos_at]] = self.template.eos_id
+        keep_seq = np.repeat(keep, n_streams)
+        for s, name in enumerate(names):
+            chosen = keep_seq.copy()
+            chosen[np.arange(len(chosen)) % n_streams != s] = False
+            lengths, pads = seq_len[chosen], pad[chosen]
+            if chosen.all():
+                out = [ids, labels] if chat else [ids]
+            else:
+                tokens = np.repeat(chosen, seq_len)
+                out = [ids[tokens], labels[tokens]] if chat else [ids[tokens]]
+            mask = None
+            if pads.any():  # padding after each sequence: ids pad_id, labels -100, attention_mask 0
+                padded = lengths + pads
+                dest = np.repeat(_ends(padded)[:-1] - _ends(lengths)[:-1], lengths) + np.arange(int(lengths.sum()))
+                total = int(padded.sum())
+                fills = [o.pad_id, IGNORE_INDEX]
+                for k, a in enumerate(out):
+                    full = np.full(total, fills[k], dtype=np.int32)
+                    full[dest] = a
+                    out[k] = full
+                mask = np.zeros(total, dtype=np.int32)
+                mask[dest] = 1
+                lengths = padded
+            lengths = lengths.astype(np.int32)
+            result.tokens += int(lengths.sum())
+            result.padding_tokens += int(pads.sum())
+            if not chat:
+                result.arrays[name] = (out[0], lengths)
+                continue
+            result.trained_tokens += int(np.count_nonzero(out[1] != IGNORE_INDEX))
+            result.arrays[name + "input_ids"] = (out[0], lengths)
+            result.arrays[name + "labels"] = (out[1], lengths)
+            if self.handler.kind == "sft" and o.attention_mask:
+                result.arrays["attention_mask"] = (mask if mask is not None else np.ones_like(out[0]), lengths)
 
 
 def _as_sample(payload) -> dict:
