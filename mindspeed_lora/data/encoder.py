@@ -12,10 +12,12 @@ time per word (pre-tokenization and per-token objects), and words repeat, so thi
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
+from itertools import chain
 
 from mindspeed_lora.errors import UserError
 
@@ -48,18 +50,54 @@ def tokenizer_spec(tokenizer, path: str, use_fast: bool) -> TokenizerSpec:
     return TokenizerSpec(path, True, backend.to_str())
 
 
-# Pre-tokenizer patterns whose Python ``regex`` form splits like tokenizers' Oniguruma form on SAFE_TEXT
+# The pre-tokenizer patterns WordCache accepts (GPT-2's, Qwen2's, Llama 3's, as in their tokenizer.json) ...
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                   r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-KNOWN_PATTERNS = (GPT2_PATTERN, QWEN2_PATTERN, LLAMA3_PATTERN)
-# Characters whose Unicode properties (letter, number, space) have not changed since Unicode 3.2, so every
-# regex engine classifies them alike, and which NFC leaves as they are: ASCII without the separators
-# \x1c-\x1f, Latin-1 letters and signs, CJK symbols (without the combining tone marks), the CJK ideographs
-# of Unicode 1.1 and fullwidth ASCII. Strings with anything else take tokenizers' own path.
+# ... and the same patterns for Python's ``re``, which has no \p{..}: {L}, {N}, {S} become the letters, numbers
+# and spaces among the safe characters below (the only ones these forms are used on)
+_RE_FORMS = {
+    GPT2_PATTERN: r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+",
+    QWEN2_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|"
+                    r"[{S}]+(?![^{S}])|[{S}]+"),
+    LLAMA3_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{1,3}| ?[^{S}{L}{N}]+[\r\n]*|"
+                     r"[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+"),
+}
+# Safe characters: their Unicode properties (letter, number, space) have not changed since Unicode 3.2, so
+# Python and tokenizers' Oniguruma classify them alike, and NFC leaves them as they are: ASCII without the
+# separators \x1c-\x1f, Latin-1 letters and signs, CJK symbols (without the combining tone marks), the CJK
+# ideographs of Unicode 1.1 and fullwidth ASCII. Strings with anything else take tokenizers' own path.
 _UNSAFE = re.compile("[^\x00-\x1b\x20-\x7e\xa0-\xff\u3000-\u3029\u3030-\u303f\u4e00-\u9fa5\uff01-\uff5e]")
+
+
+@functools.cache
+def _safe_classes() -> dict[str, str]:
+    """The letters, numbers and spaces among the safe characters, as ``re`` class bodies."""
+    import unicodedata
+
+    safe = [chr(c) for c in range(0x10000) if not _UNSAFE.match(chr(c))]
+    kinds = {"{L}": lambda c: unicodedata.category(c).startswith("L"),
+             "{N}": lambda c: unicodedata.category(c).startswith("N"), "{S}": str.isspace}
+    out = {}
+    for name, test in kinds.items():
+        points = [ord(c) for c in safe if test(c)]
+        runs, start = [], 0
+        for i in range(1, len(points) + 1):  # consecutive code points as one range
+            if i == len(points) or points[i] != points[i - 1] + 1:
+                first, last = chr(points[start]), chr(points[i - 1])
+                runs.append(re.escape(first) + ("-" + re.escape(last) if last != first else ""))
+                start = i
+        out[name] = "".join(runs)
+    return out
+
+
+def _re_form(pattern: str):
+    form = _RE_FORMS[pattern]
+    for name, body in _safe_classes().items():
+        form = form.replace(name, body)
+    return re.compile(form)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,26 +119,26 @@ class WordCache:
     word's UTF-8 bytes to characters (ByteLevel), (4) runs the BPE model on each word alone, (5) adds nothing
     else without special tokens. ``build`` accepts only tokenizers where each step is one this class
     re-does exactly: added tokens without lstrip / rstrip / single_word / normalized (matched leftmost-
-    longest, as here); no normalizer or NFC, which leaves SAFE text unchanged; one of KNOWN_PATTERNS, run by
-    the ``regex`` package, only on strings of SAFE characters (others go to tokenizers); a BPE model without
-    dropout, called through tokenizers itself for each new word; no truncation or padding. A test compares
-    it with tokenizers on random strings for each pattern. The cache is bounded: emptied when full.
+    longest, as here); no normalizer or NFC, which leaves safe text unchanged; one of the known patterns, run by
+    ``re`` only on strings of safe characters (``_UNSAFE``; other strings go to tokenizers);
+    a BPE model without dropout, called through tokenizers itself for each new word; no truncation or
+    padding. A test compares it with tokenizers on random strings for each pattern. The cache is bounded:
+    emptied when full.
     """
 
-    MAX_WORDS = 1 << 17
+    MAX_WORDS = 1 << 15  # ~10 MB at most
+    MAX_CACHED_CHARS = 24  # longer words (a Chinese clause is one) rarely repeat: not kept
 
     def __init__(self, tokenizer, pattern: str, added: dict[str, int]):
-        import regex
-
         self._tok = tokenizer
         self._model = tokenizer.model
-        self._words = regex.compile(pattern)
+        self._words = _re_form(pattern)
         # longest first: the leftmost match is then the longest, as tokenizers' Aho-Corasick matcher finds
         self._added = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")"
                                  ) if added else None
         self._added_ids = added
         self._byte_chars = _bytes_to_unicode()
-        self._cache: dict[str, list[int]] = {}
+        self._cache = _BoundedCache(self)
 
     @classmethod
     def build(cls, tokenizer, backend_json: str) -> "WordCache | None":
@@ -120,7 +158,7 @@ class WordCache:
                   and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
                   and not byte_level.get("add_prefix_space"))
             pattern = split.get("pattern", {}).get("Regex") if ok else None
-            if pattern not in KNOWN_PATTERNS:
+            if pattern not in _RE_FORMS:
                 return None
         else:
             return None
@@ -156,20 +194,31 @@ class WordCache:
             if not part:
                 continue
             words = self._words.findall(part)
-            if sum(map(len, words)) != len(part):  # the regex skipped text (it cannot with KNOWN_PATTERNS)
+            if sum(map(len, words)) != len(part):  # the regex skipped text (it cannot with the known patterns)
                 return None
-            for w in words:
-                got = cache.get(w)
-                if got is None:
-                    got = self._bpe(w)
-                ids += got
+            ids.extend(chain.from_iterable(map(cache.__getitem__, words)))
         return ids
 
-    def _bpe(self, word: str) -> list[int]:
-        if len(self._cache) >= self.MAX_WORDS:
-            self._cache.clear()
+    def bpe(self, word: str) -> list[int]:
+        """The ids of one pre-tokenized word, from the tokenizer's BPE model."""
         chars = "".join(map(self._byte_chars.__getitem__, word.encode("utf-8")))
-        ids = self._cache[word] = [t.id for t in self._model.tokenize(chars)]
+        return [t.id for t in self._model.tokenize(chars)]
+
+
+class _BoundedCache(dict):
+    """word -> ids; a miss asks the BPE model. Emptied when full, so memory stays bounded."""
+
+    def __init__(self, owner: WordCache):
+        super().__init__()
+        self._owner = owner
+
+    def __missing__(self, word: str) -> list[int]:
+        owner = self._owner
+        ids = owner.bpe(word)
+        if len(word) <= owner.MAX_CACHED_CHARS:
+            if len(self) >= owner.MAX_WORDS:
+                self.clear()
+            self[word] = ids
         return ids
 
 

@@ -13,11 +13,14 @@ from mindspeed_lora.data.encoder import LLAMA3_PATTERN, QWEN2_PATTERN, WordCache
 # what the random strings are made of: words, digits, spaces of every kind, English contractions in both
 # cases, Latin-1, Chinese, CJK and fullwidth punctuation, added tokens whole and broken; then characters
 # outside the fast path's safe set (emoji, combining marks, \x1c, NEL, Cyrillic, line separator, ligatures)
-SAFE_PIECES = (list("abcXYZ09 '\n\r\t.,!?-_\"") + [
+COMMON_PIECES = list("abcXYZ09 '\n\r\t.,!?-_\"") + [
     "'s", "'S", "'re", "'LL", "'d", "  ", "\n\n", " \n", "\r\n", "123456", "\u00e9", "\u00fc", "\xa0", "\u00df",
-    "\u00b2", "\u00bd", "\u4e2d", "\u56fd", "\u4f60\u597d", "\uff0c", "\u3002", "\u3000", "\u3007", "\u3021", "\uff10",
-    "\uff21", "\uff01", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "<|im_end", "<", "|>", "\x0b", "\x0c",
-    "\x00"])
+    "\u00b2", "\u00bd", "\u4e2d", "\u56fd", "\u4f60\u597d", "\uff0c", "\u3002", "\u3000", "\u3007", "\u3021",
+    "\uff10", "\uff21", "\uff01", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "<|im_end", "<", "|>", "\x0b",
+    "\x0c", "\x00"]
+SAFE_PIECES = (COMMON_PIECES + [chr(c) for c in range(0xa0, 0x100)] + [chr(c) for c in range(0xff01, 0xff5f)]
+               + [chr(c) for c in range(0x3000, 0x3040) if not 0x302a <= c <= 0x302f]
+               + [chr(c) for c in range(0x4e00, 0x9fa6, 97)])
 OTHER_PIECES = ["\U0001f600", "e\u0301", "\x1c", "\x85", "\u0416", "\u2028", "\ufb01", "\u302a", "\U0001d7d8",
                 "\u3099", "\x7f"]
 
@@ -46,7 +49,8 @@ def variant(base: dict, pattern: str | None = None, normalizer: dict | None = No
 
 def random_texts(seed: int, n: int, pieces) -> list[str]:
     rng = random.Random(seed)
-    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+    return ["".join(rng.choice(COMMON_PIECES if rng.random() < 0.7 else pieces) for _ in range(rng.randint(0, 40)))
+            for _ in range(n)]
 
 
 @pytest.mark.parametrize("pattern,normalizer", [(None, None), (QWEN2_PATTERN, {"type": "NFC"}),
@@ -71,10 +75,10 @@ def test_word_cache_is_bounded(tok_json):
     spec = json.dumps(tok_json)
     tok = Tokenizer.from_str(spec)
     words = WordCache.build(tok, spec)
-    words.MAX_WORDS = 16
+    words.MAX_WORDS, words.MAX_CACHED_CHARS = 16, 3
     texts = random_texts(2, 500, SAFE_PIECES)
     assert words.encode(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    assert 0 < len(words._cache) <= 16
+    assert 0 < len(words._cache) <= 16 and max(map(len, words._cache)) <= 3
 
 
 def test_word_cache_refuses_tokenizers_it_cannot_match(tok_json):
