@@ -126,7 +126,7 @@ class WordCache:
     emptied when full.
     """
 
-    MAX_WORDS = 1 << 15  # ~10 MB at most
+    MAX_IDS = 1 << 17  # ids kept in the cache, words counted as one more each: ~10 MB at most
     MAX_CACHED_CHARS = 24  # longer words (a Chinese clause is one) rarely repeat: not kept
 
     def __init__(self, tokenizer, pattern: str, added: dict[str, int]):
@@ -211,14 +211,17 @@ class _BoundedCache(dict):
     def __init__(self, owner: WordCache):
         super().__init__()
         self._owner = owner
+        self.size = 0  # ids + words held
 
     def __missing__(self, word: str) -> list[int]:
         owner = self._owner
         ids = owner.bpe(word)
         if len(word) <= owner.MAX_CACHED_CHARS:
-            if len(self) >= owner.MAX_WORDS:
+            if self.size + len(ids) + 1 > owner.MAX_IDS:
                 self.clear()
+                self.size = 0
             self[word] = ids
+            self.size += len(ids) + 1
         return ids
 
 

@@ -75,10 +75,12 @@ def test_word_cache_is_bounded(tok_json):
     spec = json.dumps(tok_json)
     tok = Tokenizer.from_str(spec)
     words = WordCache.build(tok, spec)
-    words.MAX_WORDS, words.MAX_CACHED_CHARS = 16, 3
+    words.MAX_IDS, words.MAX_CACHED_CHARS = 40, 3
     texts = random_texts(2, 500, SAFE_PIECES)
     assert words.encode(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    assert 0 < len(words._cache) <= 16 and max(map(len, words._cache)) <= 3
+    cache = words._cache
+    assert 0 < cache.size == len(cache) + sum(map(len, cache.values())) <= 40
+    assert max(map(len, cache)) <= 3
 
 
 def test_word_cache_refuses_tokenizers_it_cannot_match(tok_json):
