@@ -126,7 +126,7 @@ class WordCache:
     emptied when full.
     """
 
-    MAX_IDS = 1 << 17  # ids kept in the cache, words counted as one more each: ~10 MB at most
+    MAX_IDS = 1 << 16  # ids kept in the cache, words counted as one more each: ~6 MB at most
     MAX_CACHED_CHARS = 24  # longer words (a Chinese clause is one) rarely repeat: not kept
 
     def __init__(self, tokenizer, pattern: str, added: dict[str, int]):
