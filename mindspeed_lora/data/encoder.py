@@ -67,9 +67,11 @@ _RE_FORMS = {
 }
 # Safe characters: their Unicode properties (letter, number, space) have not changed since Unicode 3.2, so
 # Python and tokenizers' Oniguruma classify them alike, and NFC leaves them as they are: ASCII without the
-# separators \x1c-\x1f, Latin-1 letters and signs, CJK symbols (without the combining tone marks), the CJK
-# ideographs of Unicode 1.1 and fullwidth ASCII. Strings with anything else take tokenizers' own path.
-_UNSAFE = re.compile("[^\x00-\x1b\x20-\x7e\xa0-\xff\u3000-\u3029\u3030-\u303f\u4e00-\u9fa5\uff01-\uff5e]")
+# separators \x1c-\x1f, Latin-1 letters and signs, dashes, quotes and other punctuation of Unicode 1.1's
+# General Punctuation (not its spaces and format characters), CJK symbols (without the combining tone marks),
+# the CJK ideographs of Unicode 1.1 and fullwidth ASCII. Strings with anything else take tokenizers' own path.
+_UNSAFE = re.compile("[^\x00-\x1b\x20-\x7e\xa0-\xff\u2010-\u2027\u2030-\u203e\u3000-\u3029\u3030-\u303f"
+                     "\u4e00-\u9fa5\uff01-\uff5e]")
 
 
 @functools.cache

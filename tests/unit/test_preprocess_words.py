@@ -11,18 +11,20 @@ import pytest
 from mindspeed_lora.data.encoder import LLAMA3_PATTERN, QWEN2_PATTERN, WordCache
 
 # what the random strings are made of: words, digits, spaces of every kind, English contractions in both
-# cases, Latin-1, Chinese, CJK and fullwidth punctuation, added tokens whole and broken; then characters
-# outside the fast path's safe set (emoji, combining marks, \x1c, NEL, Cyrillic, line separator, ligatures)
+# cases, Latin-1, Chinese, typographic, CJK and fullwidth punctuation, added tokens whole and broken; then characters
+# outside the fast path's safe set (emoji, combining marks, \x1c, NEL, Cyrillic, line separator, ligatures,
+# zero-width and thin spaces)
 COMMON_PIECES = list("abcXYZ09 '\n\r\t.,!?-_\"") + [
     "'s", "'S", "'re", "'LL", "'d", "  ", "\n\n", " \n", "\r\n", "123456", "\u00e9", "\u00fc", "\xa0", "\u00df",
     "\u00b2", "\u00bd", "\u4e2d", "\u56fd", "\u4f60\u597d", "\uff0c", "\u3002", "\u3000", "\u3007", "\u3021",
     "\uff10", "\uff21", "\uff01", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "<|im_end", "<", "|>", "\x0b",
     "\x0c", "\x00"]
 SAFE_PIECES = (COMMON_PIECES + [chr(c) for c in range(0xa0, 0x100)] + [chr(c) for c in range(0xff01, 0xff5f)]
+               + [chr(c) for c in range(0x2010, 0x2028)] + [chr(c) for c in range(0x2030, 0x203f)]
                + [chr(c) for c in range(0x3000, 0x3040) if not 0x302a <= c <= 0x302f]
                + [chr(c) for c in range(0x4e00, 0x9fa6, 97)])
 OTHER_PIECES = ["\U0001f600", "e\u0301", "\x1c", "\x85", "\u0416", "\u2028", "\ufb01", "\u302a", "\U0001d7d8",
-                "\u3099", "\x7f"]
+                "\u3099", "\x7f", "\u200b", "\u2009", "\u203f"]
 
 
 @pytest.fixture(scope="module")
