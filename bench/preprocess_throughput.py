@@ -2,14 +2,17 @@
 
 Both sides turn the same synthetic chat samples (OpenAI messages: a system prompt, one or two user /
 assistant turns, English and Chinese) into input_ids + labels (-100 outside assistant answers) +
-attention_mask with the same tiny tokenizer and the same chatml layout, measured in one process with all
-imports done beforehand; the baseline's first samples are checked to give the same ids and labels as ours,
-so both do the same work. Wall-clock samples/s depend on what else the machine runs, so CPU seconds per
-sample (the process and all its workers) are reported too: their ratio is what 2 idle cores would show.
+attention_mask with the same tokenizer (``--tokenizer``: the 512-token test BPE on a 30-word list, or a
+32k-vocabulary BPE trained here on held-out English prose plus Chinese) and the same chatml layout,
+measured in one process with all imports done beforehand; the baseline's first samples are checked to give
+the same ids and labels as ours, so both do the same work. Wall-clock samples/s depend on what else the
+machine runs, so CPU seconds per sample (the process and all its workers) are reported too: their ratio is
+what 2 idle cores would show.
 Then peak RSS of a preprocessing run (main process and each worker) on 50k and 500k samples, each in a
 fresh process: streaming means it should not grow with the dataset.
 
-    python bench/preprocess_throughput.py [--samples 50000] [--workers 2] [--rss-samples 50000 500000]
+    python bench/preprocess_throughput.py [--tokenizer tiny|prose] [--samples 50000] [--workers 2]
+        [--repeat 3] [--rss-samples 50000 500000]
 """
 from __future__ import annotations
 

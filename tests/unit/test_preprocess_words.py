@@ -71,6 +71,16 @@ def test_word_cache_equals_tokenizers(tok_json, pattern, normalizer):
     assert len(words._cache) > 100  # the fast path did the work
 
 
+def test_preprocessing_uses_it_for_the_test_tokenizer(tmp_path):
+    """So the decode tests of preprocess_data exercise the fast path."""
+    from mindspeed_lora.data.encoder import TextEncoder, load_hf_tokenizer, tokenizer_spec
+    from mindspeed_lora.tiny import build_tokenizer
+
+    build_tokenizer(str(tmp_path))
+    spec = tokenizer_spec(load_hf_tokenizer(str(tmp_path)), str(tmp_path), True)
+    assert isinstance(TextEncoder(spec)._words, WordCache)
+
+
 def test_word_cache_is_bounded(tok_json):
     from tokenizers import Tokenizer
 
