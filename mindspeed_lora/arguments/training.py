@@ -180,6 +180,14 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
                    help="where traces go (default: profile/ in --tensorboard-dir, else in the current directory)")
     g.add_argument("--profile-record-shapes", action="store_true", help="record operator input shapes")
     g.add_argument("--profile-with-memory", action="store_true", help="record device memory allocations")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's threshold garbage collector off during training: the objects built at setup are "
+                        "frozen out of collection, and a collection runs only every --manual-gc-interval "
+                        "iterations (and around validation), so pauses do not land inside steps at random")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect every N iterations (0: never between steps)")
+    g.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                   help="with --manual-gc: no collection at the start and end of each validation")
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:

@@ -187,8 +187,15 @@ class LoggingSetup:
     profile_save_path: str | None = None
     profile_record_shapes: bool = False
     profile_with_memory: bool = False
+    manual_gc: bool = False
+    manual_gc_interval: int = 0
+    manual_gc_eval: bool = True
 
     def __post_init__(self):
+        if self.manual_gc_interval < 0:
+            raise UserError(f"--manual-gc-interval {self.manual_gc_interval}: expected 0 or a positive number")
+        if self.manual_gc_interval and not self.manual_gc:
+            raise UserError("--manual-gc-interval needs --manual-gc")
         if self.profile and not 1 <= self.profile_step_start < self.profile_step_end:
             raise UserError(f"--profile-step-start {self.profile_step_start} --profile-step-end "
                             f"{self.profile_step_end}: expected 1 <= start < end (iterations are 1-based)")
@@ -356,6 +363,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         profile_step_start=args.profile_step_start, profile_step_end=args.profile_step_end,
         profile_ranks=tuple(args.profile_ranks), profile_save_path=args.profile_save_path,
         profile_record_shapes=args.profile_record_shapes, profile_with_memory=args.profile_with_memory,
+        manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval, manual_gc_eval=args.manual_gc_eval,
     )
     return TrainingConfig(
         model=model, parallel=parallel, data=data, batch=batch, optim=optim, checkpoint=checkpoint,

@@ -12,6 +12,8 @@ token count and averages over the micro-batches of the global batch (MindSpeed-L
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import time
@@ -58,6 +60,23 @@ class TrainResult:
 def _log(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def manual_gc(on: bool):
+    """--manual-gc: the threshold collector off for the loop (megatron-LM's flag). What setup built is frozen
+    out of collection first, so a manual collection scans only what training allocated since."""
+    if not on:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 class SFTTrainer:
@@ -344,49 +363,52 @@ class SFTTrainer:
         for chunk in self.chunks:
             chunk.train()
         profiler = self._profiler()
-        while self.iteration < self.train_iters:
-            t0 = time.time()
-            batches = self._batches(self.train_order, self.consumed)
-            lr = self._lr()
-            if profiler is not None:
-                profiler.begin(self.iteration + 1)
-            loss, grad_norm, skipped = self.train_step(batches)
-            if profiler is not None:
-                profiler.end(self.iteration + 1)
-            if not math.isfinite(loss):
-                last = result.checkpoints[-1] if result.checkpoints else None
-                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written by this run"
-                raise TrainingStopped(f"iteration {self.iteration + 1}: loss is {loss} (not finite); stopping "
-                                      f"without updating the weights; {where}")
-            acc.synchronize()
-            seconds = time.time() - t0
-            self.iteration += 1
-            self.consumed += gbs
-            tokens, flops = self._throughput(batches)
-            stats.add(seconds, tokens, flops, loss, skipped)
-            result.iteration = self.iteration
-            result.losses.append((self.iteration, loss))
-            result.grad_norms.append((self.iteration, grad_norm))
-            result.learning_rates.append((self.iteration, lr))
-            if skipped:
-                result.skipped.append(self.iteration)
-            if self.iteration % log.log_interval == 0 or self.iteration == self.train_iters:
-                mem = acc.memory_stats()
-                scale = float(self.optimizer.get_loss_scale()) if cfg.model.params_dtype == torch.float16 else None
-                _log(metrics.format_log_line(self.iteration, self.train_iters, self.consumed, stats, lr, grad_norm,
-                                             gbs, self.rank.world_size, mem, scale))
-                self.tb.scalars(self.iteration, {
-                    "lm loss": stats.loss_sum / stats.iterations, "learning-rate": lr, "grad-norm": grad_norm,
-                    "skipped-iterations": stats.skipped, "tokens-per-sec": stats.tokens / max(stats.seconds, 1e-9),
-                    "tflops-per-device": stats.flops / max(stats.seconds, 1e-9) / self.rank.world_size / 1e12,
-                    "mem-max-allocated-GiB": mem.get("max_allocated", 0) / 1024 ** 3,
-                    "iteration-time-ms": 1000 * stats.seconds / stats.iterations,
-                })
-                stats = metrics.IntervalStats()
-            if log.eval_interval and log.eval_iters and self.iteration % log.eval_interval == 0:
-                self._validate(result)
-            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
-                result.checkpoints.append(self.save(self.iteration))
+        with manual_gc(log.manual_gc):
+            while self.iteration < self.train_iters:
+                t0 = time.time()
+                batches = self._batches(self.train_order, self.consumed)
+                lr = self._lr()
+                if profiler is not None:
+                    profiler.begin(self.iteration + 1)
+                loss, grad_norm, skipped = self.train_step(batches)
+                if profiler is not None:
+                    profiler.end(self.iteration + 1)
+                if not math.isfinite(loss):
+                    last = result.checkpoints[-1] if result.checkpoints else None
+                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written by this run"
+                    raise TrainingStopped(f"iteration {self.iteration + 1}: loss is {loss} (not finite); stopping "
+                                          f"without updating the weights; {where}")
+                acc.synchronize()
+                seconds = time.time() - t0
+                self.iteration += 1
+                self.consumed += gbs
+                tokens, flops = self._throughput(batches)
+                stats.add(seconds, tokens, flops, loss, skipped)
+                result.iteration = self.iteration
+                result.losses.append((self.iteration, loss))
+                result.grad_norms.append((self.iteration, grad_norm))
+                result.learning_rates.append((self.iteration, lr))
+                if skipped:
+                    result.skipped.append(self.iteration)
+                if self.iteration % log.log_interval == 0 or self.iteration == self.train_iters:
+                    mem = acc.memory_stats()
+                    scale = float(self.optimizer.get_loss_scale()) if cfg.model.params_dtype == torch.float16 else None
+                    _log(metrics.format_log_line(self.iteration, self.train_iters, self.consumed, stats, lr, grad_norm,
+                                                 gbs, self.rank.world_size, mem, scale))
+                    self.tb.scalars(self.iteration, {
+                        "lm loss": stats.loss_sum / stats.iterations, "learning-rate": lr, "grad-norm": grad_norm,
+                        "skipped-iterations": stats.skipped, "tokens-per-sec": stats.tokens / max(stats.seconds, 1e-9),
+                        "tflops-per-device": stats.flops / max(stats.seconds, 1e-9) / self.rank.world_size / 1e12,
+                        "mem-max-allocated-GiB": mem.get("max_allocated", 0) / 1024 ** 3,
+                        "iteration-time-ms": 1000 * stats.seconds / stats.iterations,
+                    })
+                    stats = metrics.IntervalStats()
+                if log.eval_interval and log.eval_iters and self.iteration % log.eval_interval == 0:
+                    self._validate(result)
+                if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                    result.checkpoints.append(self.save(self.iteration))
+                if log.manual_gc and log.manual_gc_interval and self.iteration % log.manual_gc_interval == 0:
+                    gc.collect()
         if log.eval_iters and log.eval_interval and (not result.valid_losses
                                                      or result.valid_losses[-1][0] != self.iteration):
             self._validate(result)
@@ -417,7 +439,12 @@ class SFTTrainer:
         return float(lr if lr is not None else self.optimizer.param_groups[0]["lr"])
 
     def _validate(self, result: TrainResult) -> None:
+        log = self.cfg.logging
+        if log.manual_gc and log.manual_gc_eval:
+            gc.collect()
         loss = self.evaluate()
+        if log.manual_gc and log.manual_gc_eval:
+            gc.collect()
         result.valid_losses.append((self.iteration, loss))
         _log(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
              f"lm loss PPL: {math.exp(min(loss, 50)):.6E} |")

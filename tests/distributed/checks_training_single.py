@@ -149,3 +149,25 @@ def check_profile_writes_trace_and_table_and_changes_nothing(tmp):
     with open(os.path.join(out, "ops_rank0.txt")) as f:
         table = f.read()
     assert table.startswith("iterations 2..3, rank 0") and "aten::" in table
+
+
+def check_manual_gc_collects_only_at_its_interval_and_changes_nothing(tmp):
+    import gc
+
+    p = inputs(root_of(tmp))
+    _, plain = train(base_argv(p, iters=5))
+    collections = []  # (generation, collector enabled) of every collection that starts
+
+    def seen(phase, info):
+        if phase == "start":
+            collections.append((info["generation"], gc.isenabled()))
+
+    gc.callbacks.append(seen)
+    try:
+        _, manual = train(base_argv(p, iters=5, extra=["--manual-gc", "--manual-gc-interval", "2"]))
+    finally:
+        gc.callbacks.remove(seen)
+    assert manual.losses == plain.losses
+    # while the collector is off, the only collections are the full ones after iterations 2 and 4
+    assert [c for c in collections if not c[1]] == [(2, False), (2, False)], collections
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the run gave the collector back

@@ -69,6 +69,8 @@ BASE = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-i
     ("--optimizer sgd --use-distributed-optimizer", "does not support --optimizer sgd"),
     ("--overlap-param-gather", "needs --use-distributed-optimizer"),
     ("--save-interval 5", "--save-interval needs --save"),
+    ("--manual-gc-interval 5", "--manual-gc-interval needs --manual-gc"),
+    ("--manual-gc --manual-gc-interval -1", "--manual-gc-interval -1: expected 0 or a positive number"),
     ("--lora-load /x", "--lora-load needs --lora-target-modules"),
     ("--micro-batch-size 0", "--micro-batch-size 0"),
     ("--tensor-model-parallel-size 0", "--tensor-model-parallel-size 0"),
