@@ -79,34 +79,33 @@ def select(op: str, force_impl: str | None, availability: Mapping[str, Availabil
 
 
 class TensorMemo:
-    """Remembers ``compute()`` for the last key tensors seen, by object identity and in-place version.
+    """Remembers ``compute()`` for the last few key tensors seen, by object identity and in-place version.
 
     The tensors a model passes to every layer in one step (rotary angles, packed-sequence offsets) are the
     same objects, so derived values (cos/sin tables, host-side lengths) are computed once per step, not per
-    layer. Holds weak references only.
+    layer. Holds weak references to the keys only; keeps ``slots`` entries (least recently used dropped), so
+    two models used in turn (e.g. a policy and a reference model, or two variants in a benchmark) do not
+    recompute each other's tables, and a value a captured CUDA graph reads is not freed by the other model.
     """
 
-    def __init__(self):
-        self._refs: tuple = ()
-        self._extra = None
-        self._value = None
+    def __init__(self, slots: int = 4):
+        self.slots = slots
+        self._entries: list[tuple[tuple, object, object]] = []  # (refs, extra, value), most recent last
+
+    @staticmethod
+    def _matches(refs: tuple, tensors: tuple) -> bool:
+        return len(refs) == len(tensors) and all(
+            r() is t and (t is None or t._version == v) for (r, v), t in zip(refs, tensors))
 
     def get(self, tensors: tuple, extra, compute: Callable):
-        live = tuple(r() for r, _ in self._refs)
-        if (
-            self._refs
-            and len(live) == len(tensors)
-            and all(a is b for a, b in zip(live, tensors))
-            and all(t is None or t._version == v for t, (_, v) in zip(tensors, self._refs))
-            and self._extra == extra
-        ):
-            return self._value
+        for i, (refs, e, value) in enumerate(self._entries):
+            if e == extra and self._matches(refs, tensors):
+                self._entries.append(self._entries.pop(i))
+                return value
         value = compute()
-        self._refs = tuple(
-            (weakref.ref(t), t._version) if t is not None else (_none_ref, 0) for t in tensors
-        )
-        self._extra = extra
-        self._value = value
+        refs = tuple((weakref.ref(t), t._version) if t is not None else (_none_ref, 0) for t in tensors)
+        live = [entry for entry in self._entries if all(r() is not None or r is _none_ref for r, _ in entry[0])]
+        self._entries = (live + [(refs, extra, value)])[-self.slots:]
         return value
 
 
