@@ -30,14 +30,17 @@ SHAPES = {  # family, hidden, heads, kv heads, head dim, ffn
 }
 
 
-def build(arch, parallel, lora_cfg, dtype, fused_ops, device_type):
+def build(arch, parallel, lora_cfg, dtype, fused_ops, device_type, only=None):
     from mindspeed_lora.lora import lora_spec_hook, prepare_lora_model
     from mindspeed_lora.models.builder import ModelOptions, build_gpt_model
     from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
 
     hooks = [lora_spec_hook(lora_cfg)]
     if fused_ops:
-        hooks.append(fused_ops_spec_hook(FusedOpsConfig.for_device(device_type)))
+        off = {} if only is None else {n: n not in only for n in ("use_fused_rmsnorm", "use_fused_swiglu",
+                                                                  "use_fused_rotary_pos_emb", "use_flash_attn")}
+        hooks.append(fused_ops_spec_hook(FusedOpsConfig.for_device(device_type, **{k: False for k, v in
+                                                                                 off.items() if v})))
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=False, post_process=False)
     prepare_lora_model(model, seed=1)
@@ -57,6 +60,14 @@ def main(argv=None):
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-fused-ops", action="store_true", help="megatron's local attention/norms instead of ours")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--only-fused", default=None,
+                   help="comma list of the fused ops left on (use_fused_rmsnorm, use_fused_swiglu, "
+                        "use_fused_rotary_pos_emb, use_flash_attn); default all")
+    p.add_argument("--sdpa-backend", default=None, choices=["flash", "cudnn", "efficient"],
+                   help="restrict SDPA to one backend")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each variant's forward and backward as CUDA graphs (torch.cuda."
+                        "make_graphed_callables), so a step replays them without the host launching each op")
     p.add_argument("--profile-dir", default=None,
                    help="after timing, profile 2 steps of each variant on every rank: a trace and an op table")
     a = p.parse_args(argv)
@@ -84,7 +95,8 @@ def main(argv=None):
     models = {}
     for name, fusion in (("unfused", False), ("cclora", True)):
         cfg = LoraConfig(r=a.rank, alpha=a.alpha, target_modules=["all-linear"], fusion=fusion)
-        models[name] = build(arch, parallel, cfg, dtype, fused_ops, acc.device_type).to(dev)
+        only = None if a.only_fused is None else set(a.only_fused.split(","))
+        models[name] = build(arch, parallel, cfg, dtype, fused_ops, acc.device_type, only).to(dev)
     # identical weights (base and adapters; B nonzero so the adapter path is not trivially zero)
     src = models["unfused"]
     with torch.no_grad():
@@ -99,15 +111,33 @@ def main(argv=None):
     grad = torch.randn(local_seq, a.mbs, hidden, generator=gen).to(dev, dtype)
     pos = torch.arange(a.seq, device=dev).unsqueeze(0).expand(a.mbs, -1)
 
+    graphed, eager = {}, {}
+    if a.cuda_graphs:
+        if acc.device_type != "cuda":
+            raise SystemExit("--cuda-graphs needs CUDA")
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        # the SP region forks megatron's RNG tracker: under capture only its graph-safe generators may be swapped
+        model_parallel_cuda_manual_seed(1, use_cudagraphable_rng=True, force_reset_rng=True)
+        for name, m in models.items():
+            with torch.no_grad():
+                eager[name] = _Stack(m, pos)(x).float()
+            graphed[name] = torch.cuda.make_graphed_callables(_Stack(m, pos), (x.detach().requires_grad_(),))
+
     def step(model):
         inp = x.detach().requires_grad_()
-        model.set_input_tensor(inp)
-        out = model(None, pos, None)
+        run = graphed.get(next(k for k, v in models.items() if v is model))
+        if run is not None:
+            out = run(inp)
+        else:
+            model.set_input_tensor(inp)
+            out = model(None, pos, None)
         out.backward(grad)
         return out
 
     outs = {name: step(m).detach().float() for name, m in models.items()}
     diff = ((outs["cclora"] - outs["unfused"]).norm() / outs["unfused"].norm()).item()
+    graph_diff = max(((outs[n] - eager[n]).norm() / eager[n].norm()).item() for n in eager) if eager else None
     for m in models.values():
         for _ in range(2):
             step(m)
@@ -132,7 +162,8 @@ def main(argv=None):
         tokens = a.seq * a.mbs
         print(f"# {a.shape} x {a.layers} layers, TP={tp}, SP={sp}, seq {a.seq}, mbs {a.mbs}, LoRA r={a.rank} "
               f"all-linear, {a.dtype}, fused ops {'on' if fused_ops else 'off'}, device {acc.device_type}, "
-              f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset')}")
+              f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset')}"
+              f"{', CUDA graphs' if graphed else ''}")
         print("| variant | ms/step (median) | tokens/s | peak GiB |")
         print("|---|---|---|---|")
         med = {}
@@ -141,7 +172,20 @@ def main(argv=None):
             peak = f"{peaks[name]:.1f}" if name in peaks else "-"
             print(f"| {name} | {med[name] * 1e3:.2f} | {tokens / med[name]:,.0f} | {peak} |")
         print(f"ratio cclora / unfused tokens/s: {med['unfused'] / med['cclora']:.3f}x; "
-              f"output relative difference {diff:.2e}")
+              f"output relative difference {diff:.2e}"
+              + (f"; graphed vs eager output {graph_diff:.2e}" if graph_diff is not None else ""))
+
+
+class _Stack(torch.nn.Module):
+    """The decoder stack as a one-tensor callable (what make_graphed_callables captures)."""
+
+    def __init__(self, model, pos):
+        super().__init__()
+        self.model, self.pos = model, pos
+
+    def forward(self, inp):
+        self.model.set_input_tensor(inp)
+        return self.model(None, self.pos, None)
 
 
 def _profile(models, step, out_dir, rank, acc):
@@ -159,5 +203,22 @@ def _profile(models, step, out_dir, rank, acc):
             f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
 
 
+def _main():
+    import sys
+
+    backend = None
+    for i, arg in enumerate(sys.argv):
+        if arg == "--sdpa-backend":
+            backend = sys.argv[i + 1]
+    if backend is None:
+        return main()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    with sdpa_kernel(which):
+        return main()
+
+
 if __name__ == "__main__":
-    main()
+    _main()
