@@ -33,14 +33,12 @@ SHAPES = {  # family, hidden, heads, kv heads, head dim, ffn
 def build(arch, parallel, lora_cfg, dtype, fused_ops, device_type, only=None):
     from mindspeed_lora.lora import lora_spec_hook, prepare_lora_model
     from mindspeed_lora.models.builder import ModelOptions, build_gpt_model
-    from mindspeed_lora.ops.spec import FusedOpsConfig, fused_ops_spec_hook
+    from mindspeed_lora.ops.spec import FLAG_NAMES, FusedOpsConfig, fused_ops_spec_hook
 
     hooks = [lora_spec_hook(lora_cfg)]
     if fused_ops:
-        off = {} if only is None else {n: n not in only for n in ("use_fused_rmsnorm", "use_fused_swiglu",
-                                                                  "use_fused_rotary_pos_emb", "use_flash_attn")}
-        hooks.append(fused_ops_spec_hook(FusedOpsConfig.for_device(device_type, **{k: False for k, v in
-                                                                                 off.items() if v})))
+        chosen = {} if only is None else {name: name in only for name in FLAG_NAMES}
+        hooks.append(fused_ops_spec_hook(FusedOpsConfig.for_device(device_type, **chosen)))
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=False, post_process=False)
     prepare_lora_model(model, seed=1)
@@ -71,7 +69,17 @@ def main(argv=None):
     p.add_argument("--profile-dir", default=None,
                    help="after timing, profile 2 steps of each variant on every rank: a trace and an op table")
     a = p.parse_args(argv)
+    if a.sdpa_backend is None:
+        return _run(a)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[a.sdpa_backend]
+    with sdpa_kernel(which):
+        return _run(a)
+
+
+def _run(a):
     from mindspeed_lora.accelerator import get_accelerator
     from mindspeed_lora.lora import LoraConfig
     from mindspeed_lora.models.arch import ModelArch
@@ -93,9 +101,9 @@ def main(argv=None):
     fused_ops = not a.no_fused_ops and acc.device_type != "cpu"
 
     models = {}
+    only = None if a.only_fused is None else set(a.only_fused.split(","))
     for name, fusion in (("unfused", False), ("cclora", True)):
         cfg = LoraConfig(r=a.rank, alpha=a.alpha, target_modules=["all-linear"], fusion=fusion)
-        only = None if a.only_fused is None else set(a.only_fused.split(","))
         models[name] = build(arch, parallel, cfg, dtype, fused_ops, acc.device_type, only).to(dev)
     # identical weights (base and adapters; B nonzero so the adapter path is not trivially zero)
     src = models["unfused"]
@@ -203,22 +211,5 @@ def _profile(models, step, out_dir, rank, acc):
             f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
 
 
-def _main():
-    import sys
-
-    backend = None
-    for i, arg in enumerate(sys.argv):
-        if arg == "--sdpa-backend":
-            backend = sys.argv[i + 1]
-    if backend is None:
-        return main()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
-    with sdpa_kernel(which):
-        return main()
-
-
 if __name__ == "__main__":
-    _main()
+    main()
