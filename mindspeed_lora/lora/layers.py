@@ -30,7 +30,7 @@ Communication of the unfused path (CCLoRA in ``cclora.py`` overlaps these with t
 Collectives on ``a`` move tokens x r values, not tokens x hidden.
 
 On one rank (no collectives) the base GEMM accumulates into the adapter's product instead
-(``FrozenBaseLoraFunction``; ``FrozenAddmm`` under ``--recompute-method split``).
+(``FrozenBaseLoraFunction``).
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ from torch import nn
 
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.lora.config import LoraConfig
+from mindspeed_lora.models.recompute import recomputation_discards_outputs
 
 ADAPTER = "default"  # peft's adapter name, part of every state-dict key
 
@@ -85,25 +86,60 @@ class LoraWeight(nn.Module):
         return f"{self.weight.shape[0]}x{self.weight.shape[1]}"
 
 
+def _scaled_mm(mat1: torch.Tensor, mat2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha·mat1·mat2 in one GEMM (the scale in cuBLAS's alpha, not a separate elementwise kernel)."""
+    out = torch.empty((mat1.shape[0], mat2.shape[1]), dtype=mat1.dtype, device=mat1.device)
+    return out.addmm_(mat1, mat2, beta=0, alpha=alpha)  # beta=0: out's uninitialised values are ignored
+
+
+def _weight_grad(param: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float):
+    """param's gradient alpha·mat1·mat2; accumulated straight into megatron's ``main_grad`` where DDP keeps one.
+
+    megatron's gradient-accumulation fusion: the GEMM adds into the (usually fp32) grad buffer, so the
+    adapter gradient is never rounded to bf16, and neither a bf16 grad tensor nor DDP's hook ``main_grad +=
+    grad`` (one kernel per adapter matrix per step) is needed. As megatron's own linears do, autograd then
+    gets an uninitialised placeholder and ``grad_added_to_main_grad`` tells DDP's hook to skip the add.
+    """
+    main = getattr(param, "main_grad", None)
+    if main is None or not hasattr(param, "grad_added_to_main_grad") or getattr(param, "zero_out_wgrad", False):
+        return _scaled_mm(mat1, mat2, alpha)
+    if main.dtype == mat1.dtype:
+        main.addmm_(mat1, mat2, alpha=alpha)
+    elif main.device.type == "cuda":  # cuBLAS: bf16/fp16 inputs, fp32 accumulator
+        torch.addmm(main, mat1, mat2, out_dtype=main.dtype, alpha=alpha, out=main)
+    else:
+        main.add_(torch.mm(mat1, mat2), alpha=alpha)
+    param.grad_added_to_main_grad = True
+    return torch.empty(param.shape, dtype=param.dtype, device=param.device)
+
+
 class FrozenBaseLoraFunction(torch.autograd.Function):
     """y = x·Wᵀ + s·(x_l·Aᵀ)·Bᵀ with W frozen, the LoRA product accumulated into the base GEMM's output.
 
     For a linear with no tensor-parallel communication (TP=1, no bias). The unfused layer writes x·Wᵀ and the
     adapter's product to two tensors and adds them (one more read and write of the whole output, forward,
     and of the whole input grad, backward); here the big GEMMs accumulate into the small-rank products with
-    ``addmm_`` (dx = g·W + (s·g·B)·A likewise). Saved: x_l and a = s·x_l·Aᵀ, as the unfused path saves; W
-    gets no grad. ``x_l`` is x after LoRA dropout, or None when there is none (then dx is one fused GEMM).
+    ``addmm_`` (dx = g·W + s·(g·B)·A likewise), and s rides in the GEMMs' alpha. Saved: x_l and a = x_l·Aᵀ,
+    as the unfused path saves; W gets no grad; the adapters' grads go straight into megatron's main_grad
+    (``_weight_grad``). ``x_l`` is x after LoRA dropout, or None when there is none (then dx is one fused
+    GEMM).
+
+    ``output_unused``: only the backward graph of this call matters, not its value (the recomputation of
+    ``--recompute-method split``, see models/recompute.py): a is computed and saved, the two GEMMs that
+    make y are skipped and y is left uninitialised.
     """
 
     @staticmethod
-    def forward(ctx, x, x_l, weight, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_l, weight, lora_a, lora_b, scaling, output_unused=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xl2 = x2 if x_l is None else x_l.reshape(-1, shape[-1])
         a = torch.mm(xl2, lora_a.t())
-        a.mul_(scaling)
-        y = torch.mm(a, lora_b.t())
-        y.addmm_(x2, weight.t())
+        if output_unused:
+            y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        else:
+            y = _scaled_mm(a, lora_b.t(), scaling)
+            y.addmm_(x2, weight.t())
         ctx.save_for_backward(xl2, a, weight, lora_a, lora_b)
         ctx.scaling, ctx.shape, ctx.dropout = scaling, shape, x_l is not None
         return y.view(*shape[:-1], weight.shape[0])
@@ -111,42 +147,22 @@ class FrozenBaseLoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xl2, a, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
-        gb = torch.mm(g, lora_b)
-        gb.mul_(ctx.scaling)  # dL/da scaled: dA = gbᵀ·x_l, the LoRA input grad = gb·A
-        d_b = torch.mm(g.t(), a) if ctx.needs_input_grad[4] else None
-        d_a = torch.mm(gb.t(), xl2) if ctx.needs_input_grad[3] else None
+        gb = torch.mm(g, lora_b)  # s·gb is dL/da: dA = s·gbᵀ·x_l, the LoRA input grad = s·gb·A
+        d_b = _weight_grad(lora_b, g.t(), a, s) if ctx.needs_input_grad[4] else None
+        d_a = _weight_grad(lora_a, gb.t(), xl2, s) if ctx.needs_input_grad[3] else None
         dx = dxl = None
         if ctx.dropout:
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(g, weight).view(ctx.shape)
             if ctx.needs_input_grad[1]:
-                dxl = torch.mm(gb, lora_a).view(ctx.shape)
+                dxl = _scaled_mm(gb, lora_a, s).view(ctx.shape)
         elif ctx.needs_input_grad[0]:
-            dx = torch.mm(gb, lora_a)
+            dx = _scaled_mm(gb, lora_a, s)
             dx.addmm_(g, weight)
             dx = dx.view(ctx.shape)
-        return dx, dxl, None, d_a, d_b, None
-
-
-class FrozenAddmm(torch.autograd.Function):
-    """y = c + x·Wᵀ for a frozen W, saving no tensor: backward needs only W, kept as an attribute.
-
-    With the adapter's product ``c`` computed first (its inputs saved then), a non-reentrant checkpoint's
-    recomputation stops before this GEMM (``--recompute-method split``).
-    """
-
-    @staticmethod
-    def forward(ctx, c, x, weight):
-        ctx.weight, ctx.shape = weight, x.shape
-        y = torch.addmm(c.reshape(-1, c.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        dx = torch.mm(grad.reshape(-1, grad.shape[-1]), ctx.weight).view(ctx.shape) if ctx.needs_input_grad[1] \
-            else None
-        return grad, dx, None
+        return dx, dxl, None, d_a, d_b, None, None
 
 
 class _LoraParallelLinear(nn.Module):
@@ -197,8 +213,9 @@ class _LoraParallelLinear(nn.Module):
         self.adapter_enabled = True
         """False: forward is the base layer's alone (``toggle.adapters_disabled``, DPO's reference model)."""
         self.recompute_stops_before_base = False
-        """Set by ``--recompute-method split`` on linear_proj / linear_fc2: save the adapter's inputs before the
-        base GEMM runs, so that the recomputation stops before it (TP=1 path; see models/recompute.py)."""
+        """Set by ``--recompute-method split`` on linear_proj / linear_fc2: their output only feeds the residual
+        add that ends a recomputed half-layer, so the recomputation skips the GEMMs that make it (TP=1 path;
+        see models/recompute.py)."""
         self.cclora_impl: str | None = None
         """CCLoRA collectives: None picks by device (torch_npu fused ops on NPUs), 'generic' or 'npu' forces."""
         self.reset_lora_parameters("", 0)
@@ -289,11 +306,9 @@ class _LoraParallelLinear(nn.Module):
         if self.lora_dropout is not None:
             with self._dropout_context(False):
                 x_l = self.lora_dropout(x)
-        if self.recompute_stops_before_base:
-            lora = self.lora_B[ADAPTER](self.lora_A[ADAPTER](x if x_l is None else x_l) * self.scaling)
-            return FrozenAddmm.apply(lora, x, self.base_layer.weight)
+        unused = self.recompute_stops_before_base and recomputation_discards_outputs()
         return FrozenBaseLoraFunction.apply(x, x_l, self.base_layer.weight, self.lora_A[ADAPTER](),
-                                            self.lora_B[ADAPTER](), self.scaling)
+                                            self.lora_B[ADAPTER](), self.scaling, unused)
 
     def extra_repr(self) -> str:
         c = self.lora_config

@@ -226,9 +226,10 @@ def test_lora_config_reaches_every_layer(hf_dir):
     assert mods and all(abs(m.scaling - 6 / 2 ** 0.5) < 1e-12 for m in mods)
 
 
+@pytest.mark.parametrize("output_unused", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("x_needs_grad", [True, False])
-def test_frozen_base_lora_function_equals_base_plus_adapter(dropout, x_needs_grad):
+def test_frozen_base_lora_function_equals_base_plus_adapter(dropout, x_needs_grad, output_unused):
     from mindspeed_lora.lora.layers import FrozenBaseLoraFunction
 
     g = torch.Generator().manual_seed(0)
@@ -243,7 +244,7 @@ def test_frozen_base_lora_function_equals_base_plus_adapter(dropout, x_needs_gra
         xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, a, b)]
         x_l = xs[0] * mask if dropout else None
         if fused:
-            y = FrozenBaseLoraFunction.apply(xs[0], x_l, w, xs[1], xs[2], 0.75)
+            y = FrozenBaseLoraFunction.apply(xs[0], x_l, w, xs[1], xs[2], 0.75, output_unused)
         else:
             y = F.linear(xs[0], w) + 0.75 * F.linear(F.linear(xs[0] if x_l is None else x_l, xs[1]), xs[2])
         y.backward(grad)
@@ -251,11 +252,42 @@ def test_frozen_base_lora_function_equals_base_plus_adapter(dropout, x_needs_gra
 
     y_f, grads_f = run(True)
     y_r, grads_r = run(False)
-    assert torch.allclose(y_f, y_r, rtol=1e-12, atol=1e-12)
+    if not output_unused:  # else only the backward is defined (a recomputation that discards the value)
+        assert torch.allclose(y_f, y_r, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads_f, grads_r):
         assert (got is None) == (want is None)
         if want is not None:
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("main_dtype", [torch.float32, torch.bfloat16])
+def test_frozen_base_lora_function_accumulates_adapter_grads_into_megatron_main_grad(main_dtype):
+    """With megatron DDP's main_grad on the adapter params, two micro-batches' grads land in main_grad (fp32 or
+    bf16), autograd gets a placeholder and grad_added_to_main_grad tells DDP's hook to skip its add."""
+    from mindspeed_lora.lora.layers import FrozenBaseLoraFunction
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 16, generator=g).bfloat16()
+    a = torch.randn(4, 16, generator=g).bfloat16().requires_grad_()
+    b = torch.randn(24, 4, generator=g).bfloat16().requires_grad_()
+    xs = [torch.randn(6, 16, generator=g).bfloat16() for _ in range(2)]
+    grads = [torch.randn(6, 24, generator=g).bfloat16() for _ in range(2)]
+    for p in (a, b):
+        p.main_grad = torch.zeros(p.shape, dtype=main_dtype)
+        p.grad_added_to_main_grad = False
+    want_a, want_b = torch.zeros(a.shape, dtype=torch.float64), torch.zeros(b.shape, dtype=torch.float64)
+    for x, grad in zip(xs, grads):
+        FrozenBaseLoraFunction.apply(x, None, w, a, b, 0.5).backward(grad)
+        assert a.grad is not None and b.grad is not None  # the placeholders megatron's hook expects
+        a.grad = b.grad = None
+        xd, gd, bd = x.double(), grad.double(), b.detach().double()
+        want_b += 0.5 * gd.t() @ (xd @ a.detach().double().t())
+        want_a += 0.5 * (gd @ bd).t() @ xd
+    assert a.grad_added_to_main_grad and b.grad_added_to_main_grad
+    for p, want in ((a, want_a), (b, want_b)):
+        assert p.main_grad.dtype == main_dtype
+        tol = 1e-2 * want.abs().max()  # bf16 products (and a bf16 accumulator in the second case)
+        assert (p.main_grad.double() - want).abs().max() <= tol, p.shape
 
 
 def test_one_rank_lora_linears_take_the_fused_base_path(hf_dir):
@@ -272,14 +304,14 @@ def test_split_recompute_equals_no_recompute_and_skips_the_output_projection_gem
 
     ids, labels = _inputs()
     results = {}
-    calls = [0]
-    original = layers.FrozenAddmm.forward
+    calls = []
+    original = layers.FrozenBaseLoraFunction.forward
 
-    def counted(ctx, c, x, weight):
-        calls[0] += 1
-        return original(ctx, c, x, weight)
+    def counted(ctx, *args):
+        calls.append(bool(args[6]) if len(args) > 6 else False)
+        return original(ctx, *args)
 
-    monkeypatch.setattr(layers.FrozenAddmm, "forward", staticmethod(counted))
+    monkeypatch.setattr(layers.FrozenBaseLoraFunction, "forward", staticmethod(counted))
     for method in (None, "split"):
         model, _ = _ours(hf_dir, _cfg(dropout=dropout), recompute="full" if method else None, method=method)
         prepare_lora_model(model, seed=3)
@@ -290,16 +322,19 @@ def test_split_recompute_equals_no_recompute_and_skips_the_output_projection_gem
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         model.train()
         torch.manual_seed(11)
-        calls[0] = 0
+        calls.clear()
         loss = model(ids, _pos(), None, labels=labels).mean()
-        n_forward = calls[0]
+        forward_calls = list(calls)
         loss.backward()
         results[method] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if ".lora_" in n})
         if method == "split":
             layers_n = len(model.decoder.layers)
             assert type(model.decoder.layers[0]).__name__ == "SplitRecomputeTransformerLayer"
-            # linear_proj and linear_fc2 of every layer: their base GEMM ran in the forward, never again
-            assert n_forward == 2 * layers_n and calls[0] == n_forward, (n_forward, calls)
+            # forward: the 4 LoRA linears of every layer in full; recomputation: linear_qkv and linear_fc1 in
+            # full, linear_proj and linear_fc2 without their output GEMMs (base and adapter)
+            assert forward_calls == [False] * (4 * layers_n), forward_calls
+            recomputed = calls[len(forward_calls):]
+            assert sorted(recomputed) == [False] * (2 * layers_n) + [True] * (2 * layers_n), recomputed
     loss_ref, grads_ref = results[None]
     loss_split, grads_split = results["split"]
     assert torch.equal(loss_ref, loss_split)

@@ -74,7 +74,7 @@ def test_foreach_multi_tensor_ops_equal_megatron_loops():
     import torch
     from megatron.core import utils
 
-    from mindspeed_lora.patches.megatron_fixes import foreach_l2_norm, foreach_scale
+    from mindspeed_lora.patches.megatron_fixes import foreach_copy_this_to_that, foreach_l2_norm, foreach_scale
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(*s, generator=g) for s in ((8, 3), (5,), (2, 2, 7), (1,))]
@@ -93,3 +93,7 @@ def test_foreach_multi_tensor_ops_equal_megatron_loops():
     foreach_scale(2048 * 32, None, [inplace_ours, inplace_ours], 0.5)
     utils.local_multi_tensor_scale(2048 * 32, None, [inplace_ref, inplace_ref], 0.5)
     assert all(torch.equal(a, b) for a, b in zip(inplace_ours, inplace_ref))
+
+    dst = [torch.full(t.shape, 7.0, dtype=torch.bfloat16) for t in grads]
+    foreach_copy_this_to_that(grads, dst)  # megatron's loop: that_.copy_(this_) per tensor
+    assert all(torch.equal(d, t.bfloat16()) for d, t in zip(dst, grads))

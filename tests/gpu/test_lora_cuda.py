@@ -1,0 +1,40 @@
+"""The TP=1 fused LoRA linear on a CUDA GPU: bf16 adapter grads accumulated by cuBLAS straight into megatron's
+fp32 main_grad (``torch.addmm(..., out_dtype=float32)``) equal the fp64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("main_dtype", [torch.float32, torch.bfloat16])
+def test_adapter_grads_accumulate_into_main_grad_on_cuda(main_dtype):
+    from mindspeed_lora.lora.layers import FrozenBaseLoraFunction
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    w = torch.randn(1536, 1024, generator=g, device=dev).to(bf)
+    a = torch.randn(8, 1024, generator=g, device=dev).to(bf).requires_grad_()
+    b = torch.randn(1536, 8, generator=g, device=dev).to(bf).requires_grad_()
+    for p in (a, b):
+        p.main_grad = torch.zeros(p.shape, dtype=main_dtype, device=dev)
+        p.grad_added_to_main_grad = False
+    want = {id(a): torch.zeros(a.shape, dtype=torch.float64, device=dev),
+            id(b): torch.zeros(b.shape, dtype=torch.float64, device=dev)}
+    for _ in range(3):  # micro-batches
+        x = torch.randn(2048, 1024, generator=g, device=dev).to(bf).requires_grad_()
+        grad = torch.randn(2048, 1536, generator=g, device=dev).to(bf)
+        y = FrozenBaseLoraFunction.apply(x, None, w, a, b, 2.0)
+        y.backward(grad)
+        a.grad = b.grad = None
+        xd, gd, ad, bd, wd = (t.detach().double() for t in (x, grad, a, b, w))
+        assert (y.double() - (xd @ wd.t() + 2.0 * (xd @ ad.t()) @ bd.t())).abs().max() <= 2e-2 * y.abs().max()
+        assert (x.grad.double() - (gd @ wd + 2.0 * (gd @ bd) @ ad)).abs().max() <= 2e-2 * x.grad.abs().max()
+        want[id(b)] += 2.0 * gd.t() @ (xd @ ad.t())
+        want[id(a)] += 2.0 * (gd @ bd).t() @ xd
+    for p in (a, b):
+        assert p.grad_added_to_main_grad and p.main_grad.dtype == main_dtype
+        err = (p.main_grad.double() - want[id(p)]).abs().max() / want[id(p)].abs().max()
+        # fp32 accumulator: only the bf16 operands' rounding (a = x·Aᵀ is kept in bf16); bf16: its own rounding too
+        assert err <= (2e-3 if main_dtype == torch.float32 else 1e-2), (p.shape, err.item())
