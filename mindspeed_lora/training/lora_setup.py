@@ -13,14 +13,15 @@ import os
 import torch
 
 from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
 from mindspeed_lora.training.model import LoadSource, check_layout
 
 METADATA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
-# what must agree between an adapter checkpoint and the run (dropout may change between runs)
-SHAPE_KEYS = ("r", "alpha", "target_modules", "use_rslora")
+# recorded with an adapter checkpoint; all but dropout must agree with a run that loads it
+# (LoraCheckpointConfig.mismatch)
 
 
 class LoraSetup:
@@ -63,11 +64,7 @@ class LoraSetup:
         if not saved:
             raise UserError(f"--lora-load {path}: {where} records no LoRA settings (a full-weight checkpoint? "
                             "give it to --load instead)")
-        from mindspeed_lora.lora import LoraConfig
-
-        ck = LoraConfig.from_dict(saved, where)
-        diffs = [f"{k} {getattr(ck, k)!r} vs {getattr(self.config, k)!r}" for k in SHAPE_KEYS
-                 if getattr(ck, k) != getattr(self.config, k)]
+        diffs = LoraCheckpointConfig.from_metadata(saved, where).mismatch(LoraCheckpointConfig.of(self.config))
         if diffs:
             raise UserError(f"--lora-load {path}: trained with other LoRA settings ({'; '.join(diffs)}; checkpoint "
                             "vs this run's --lora-r / --lora-alpha / --lora-target-modules / --lora-use-rslora)")
