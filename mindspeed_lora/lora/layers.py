@@ -212,7 +212,7 @@ class _LoraParallelLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_config.dropout) if lora_config.dropout > 0 else None
         self.adapter_enabled = True
         """False: forward is the base layer's alone (``toggle.adapters_disabled``, DPO's reference model)."""
-        self.recompute_stops_before_base = False
+        self.recompute_skips_output = False
         """Set by ``--recompute-method split`` on linear_proj / linear_fc2: their output only feeds the residual
         add that ends a recomputed half-layer, so the recomputation skips the GEMMs that make it (TP=1 path;
         see models/recompute.py)."""
@@ -306,7 +306,7 @@ class _LoraParallelLinear(nn.Module):
         if self.lora_dropout is not None:
             with self._dropout_context(False):
                 x_l = self.lora_dropout(x)
-        unused = self.recompute_stops_before_base and recomputation_discards_outputs()
+        unused = self.recompute_skips_output and recomputation_discards_outputs()
         return FrozenBaseLoraFunction.apply(x, x_l, self.base_layer.weight, self.lora_A[ADAPTER](),
                                             self.lora_B[ADAPTER](), self.scaling, unused)
 

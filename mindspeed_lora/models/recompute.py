@@ -6,7 +6,7 @@ only feed residual adds. Here each layer is two checkpoints (megatron's reentran
 which also restores the CPU, device and tensor-parallel-tracker random states): the attention half (input
 norm ... linear_proj + residual) and the MLP half (pre-MLP norm ... linear_fc2 + residual). Each half's
 output is the next one's saved input, so its recomputed *value* is never used, only its backward graph.
-A LoRA ``linear_proj`` / ``linear_fc2`` on the TP=1 fused path (``recompute_stops_before_base`` in
+A LoRA ``linear_proj`` / ``linear_fc2`` on the TP=1 fused path (``recompute_skips_output`` in
 ``mindspeed_lora.lora.layers``) therefore computes in the recomputation only what its backward saves (x and
 x·Aᵀ) and skips the frozen base GEMM and the adapter's output GEMM: a third of a layer's matmul parameters
 in Qwen3 and Llama shapes run once instead of twice. Cost: two hidden-size activations kept per layer
@@ -55,8 +55,8 @@ class SplitRecomputeTransformerLayer(TransformerLayer):
         super().__init__(*args, **kwargs)
         for name, owner in (("linear_proj", self.self_attention), ("linear_fc2", self.mlp)):
             linear = getattr(owner, name, None)
-            if linear is not None and hasattr(linear, "recompute_stops_before_base"):
-                linear.recompute_stops_before_base = True
+            if linear is not None and hasattr(linear, "recompute_skips_output"):
+                linear.recompute_skips_output = True
 
     def forward(self, hidden_states, *args, **kwargs):
         kwargs.pop("dynamic_inference_decode_only", None)
