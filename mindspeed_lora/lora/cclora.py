@@ -19,7 +19,8 @@ produces it, pipelining the two inside one kernel, where their documented constr
 
 Precision: W_c is rounded once to the parameter dtype (addmm accumulates in fp32): in bf16 runs the adapter's
 contribution to the forward is that of a merged bf16 weight, as in MindSpeed-LLM's CCLoRA; grads of A and B
-use the separate factors.
+use the separate factors and, under megatron's DDP, are accumulated by the GEMM straight into the params'
+fp32 ``main_grad`` (``layers.adapter_weight_grad``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mindspeed_lora.errors import UserError
+from mindspeed_lora.lora.layers import adapter_weight_grad
 
 # ----------------------------------------------------------------------------------------------- collectives
 
@@ -186,8 +188,8 @@ class NoTensorParallelLoRA(torch.autograd.Function):
         g, x2 = _flat(grad), _flat(x)
         a_s = lora_a * ctx.scaling
         ga = g @ lora_b
-        d_b = g.t() @ a
-        d_a = (ga.t() @ x2).mul_(ctx.scaling)
+        d_b = adapter_weight_grad(lora_b, g.t(), a, 1.0)
+        d_a = adapter_weight_grad(lora_a, ga.t(), x2, ctx.scaling)
         dx = g @ _merged(weight, a_s, lora_b) if ctx.combine else torch.addmm(g @ weight, ga, a_s)
         return dx.view_as(x), None, d_a, d_b, None
 
@@ -220,9 +222,9 @@ class ColumnParallelLoRA(torch.autograd.Function):
         g, x2 = _flat(grad), _flat(x)
         ga, h_ga = comm.all_reduce_start(g @ lora_b)
         dx, h_dx = comm.all_reduce_start(g @ _merged(weight, lora_a * ctx.scaling, lora_b))  # overlaps h_ga
-        d_b = g.t() @ a  # overlaps h_ga / h_dx
+        d_b = adapter_weight_grad(lora_b, g.t(), a, 1.0)  # overlaps h_ga / h_dx
         h_ga.wait()
-        d_a = (ga.t() @ x2).mul_(ctx.scaling)  # overlaps h_dx
+        d_a = adapter_weight_grad(lora_a, ga.t(), x2, ctx.scaling)  # overlaps h_dx
         h_dx.wait()
         return dx.view_as(x), None, d_a, d_b, None, None
 
@@ -266,8 +268,8 @@ class ColumnSequenceParallelLoRA(torch.autograd.Function):
         ga_t, h_ga = comm.reduce_scatter_start(ga_i)
         dx, wait_dx = comm.mm_reduce_scatter_start(g, w_c)  # overlaps h_ga
         h_ga.wait()
-        d_b = g.t() @ a  # overlaps the reduce-scatter of dx
-        d_a = (ga_t.t() @ x2).mul_(ctx.scaling)
+        d_b = adapter_weight_grad(lora_b, g.t(), a, 1.0)  # overlaps the reduce-scatter of dx
+        d_a = adapter_weight_grad(lora_a, ga_t.t(), x2, ctx.scaling)
         wait_dx()
         return dx.view_as(x), None, d_a, d_b, None, None
 
@@ -298,8 +300,8 @@ class RowParallelLoRA(torch.autograd.Function):
         x, weight, lora_a, lora_b, a = ctx.saved_tensors
         g, x2 = _flat(grad), _flat(x)
         ga = g @ lora_b
-        d_b = g.t() @ a
-        d_a = (ga.t() @ x2).mul_(ctx.scaling)
+        d_b = adapter_weight_grad(lora_b, g.t(), a, 1.0)
+        d_a = adapter_weight_grad(lora_a, ga.t(), x2, ctx.scaling)
         dx = torch.addmm(g @ weight, ga, lora_a * ctx.scaling)
         return dx.view_as(x), None, d_a, d_b, None, None
 
@@ -335,12 +337,12 @@ class RowSequenceParallelLoRA(torch.autograd.Function):
         g_t, x2 = _flat(grad), _flat(x)
 
         def prepare():
-            d_b = g_t.t() @ a_t
+            d_b = adapter_weight_grad(lora_b, g_t.t(), a_t, 1.0)
             return _merged(weight, lora_a * ctx.scaling, lora_b), d_b
 
         dx, g, (d_b,) = comm.all_gather_mm(g_t, prepare)
         ga = g @ lora_b
-        d_a = (ga.t() @ x2).mul_(ctx.scaling)
+        d_a = adapter_weight_grad(lora_a, ga.t(), x2, ctx.scaling)
         return dx.view_as(x), None, d_a, d_b, None, None
 
 

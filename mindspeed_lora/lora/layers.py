@@ -92,7 +92,7 @@ def _scaled_mm(mat1: torch.Tensor, mat2: torch.Tensor, alpha: float) -> torch.Te
     return out.addmm_(mat1, mat2, beta=0, alpha=alpha)  # beta=0: out's uninitialised values are ignored
 
 
-def _weight_grad(param: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float):
+def adapter_weight_grad(param: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float):
     """param's gradient alpha·mat1·mat2; accumulated straight into megatron's ``main_grad`` where DDP keeps one.
 
     megatron's gradient-accumulation fusion: the GEMM adds into the (usually fp32) grad buffer, so the
@@ -121,7 +121,7 @@ class FrozenBaseLoraFunction(torch.autograd.Function):
     and of the whole input grad, backward); here the big GEMMs accumulate into the small-rank products with
     ``addmm_`` (dx = g·W + s·(g·B)·A likewise), and s rides in the GEMMs' alpha. Saved: x_l and a = x_l·Aᵀ,
     as the unfused path saves; W gets no grad; the adapters' grads go straight into megatron's main_grad
-    (``_weight_grad``). ``x_l`` is x after LoRA dropout, or None when there is none (then dx is one fused
+    (``adapter_weight_grad``). ``x_l`` is x after LoRA dropout, or None when there is none (then dx is one fused
     GEMM).
 
     ``output_unused``: only the backward graph of this call matters, not its value (the recomputation of
@@ -150,8 +150,8 @@ class FrozenBaseLoraFunction(torch.autograd.Function):
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         gb = torch.mm(g, lora_b)  # s·gb is dL/da: dA = s·gbᵀ·x_l, the LoRA input grad = s·gb·A
-        d_b = _weight_grad(lora_b, g.t(), a, s) if ctx.needs_input_grad[4] else None
-        d_a = _weight_grad(lora_a, gb.t(), xl2, s) if ctx.needs_input_grad[3] else None
+        d_b = adapter_weight_grad(lora_b, g.t(), a, s) if ctx.needs_input_grad[4] else None
+        d_a = adapter_weight_grad(lora_a, gb.t(), xl2, s) if ctx.needs_input_grad[3] else None
         dx = dxl = None
         if ctx.dropout:
             if ctx.needs_input_grad[0]:
