@@ -6,8 +6,9 @@ first steps must agree within bf16 tolerance and tokens/s per GPU can be compare
 
     python bench/scaling.py --layouts 1x1x1,1x1x4,2x2x1 [--model qwen3-8b] [--steps 6]
 
-A layout is TPxPPxDP. Prints one JSON line per run and a table: tokens/s, per GPU, efficiency vs one GPU,
-and the largest relative loss difference from the one-GPU run over the steps.
+A layout is TPxPPxDP, with an ``f`` suffix for CCLoRA (--lora-fusion), e.g. 2x2x2f. Prints one JSON line per
+run and a table: tokens/s, per GPU, efficiency vs one GPU (else vs the first layout that ran), and the largest
+relative loss difference from that run over the steps.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from lora_throughput import ROOT, SHAPES, write_random_data, write_random_hf_mod
 _LINE = re.compile(r"lm loss: ([0-9.E+-]+).*tokens/s: ([0-9.]+)")
 
 
-def run(layout, a, model_dir, data):
-    tp, pp, dp = layout
+def run(spec, a, model_dir, data):
+    """One training run of layout ``spec``: TPxPPxDP, an ``f`` suffix adds --lora-fusion (CCLoRA)."""
+    fusion = spec.endswith("f")
+    tp, pp, dp = (int(x) for x in spec.rstrip("f").split("x"))
     n = tp * pp * dp
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-port=29612",
            os.path.join(ROOT, "posttrain_gpt.py"), "--load", model_dir, "--data-path", data,
@@ -38,15 +41,17 @@ def run(layout, a, model_dir, data):
            "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     if tp > 1:
         cmd.append("--sequence-parallel")
+    if fusion:
+        cmd.append("--lora-fusion")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_DEVICE_MAX_CONNECTIONS="1")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     rows = [_LINE.search(ln) for ln in out.stdout.splitlines()]
     rows = [(float(m.group(1)), float(m.group(2))) for m in rows if m]
     if out.returncode != 0 or len(rows) < a.steps:
-        return dict(layout=f"{tp}x{pp}x{dp}", error=(out.stdout + out.stderr)[-1500:])
+        return dict(layout=spec, error=(out.stdout + out.stderr)[-1500:])
     toks = sorted(t for _, t in rows[2:])
-    return dict(layout=f"{tp}x{pp}x{dp}", gpus=n, losses=[loss for loss, _ in rows],
+    return dict(layout=spec, gpus=n, losses=[loss for loss, _ in rows],
                 tokens_per_s=round(toks[len(toks) // 2]), tokens_per_s_per_gpu=round(toks[len(toks) // 2] / n))
 
 
@@ -66,11 +71,13 @@ def main():
     write_random_data(data, a.seq, a.gbs * (a.steps + 1), shape[-1])
     results = []
     for spec in a.layouts.split(","):
-        r = run(tuple(int(x) for x in spec.split("x")), a, model_dir, data)
+        r = run(spec, a, model_dir, data)
         print(json.dumps(r), flush=True)
         results.append(r)
-    base = next((r for r in results if r.get("gpus") == 1), None)
-    print("\n| TPxPPxDP | GPUs | tokens/s | tokens/s per GPU | efficiency vs 1 GPU | max rel. loss diff vs 1 GPU |")
+    base = next((r for r in results if r.get("gpus") == 1), None) or next((r for r in results if "error" not in r),
+                                                                          None)
+    vs = "1 GPU" if base is not None and base["gpus"] == 1 else f"{base['layout'] if base else '-'}"
+    print(f"\n| TPxPPxDP | GPUs | tokens/s | tokens/s per GPU | efficiency vs {vs} | max rel. loss diff vs {vs} |")
     print("|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
