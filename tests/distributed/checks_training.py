@@ -287,9 +287,11 @@ def check_lora_tp2_sequence_parallel_matches_single_rank(tmp):
     _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
 
 
-def check_lora_split_recompute_tp2_sp_and_pp2_match_single_rank(tmp):
+def check_lora_split_recompute_tp2_sp_cclora_and_pp2_match_single_rank(tmp):
     split = ["--recompute-granularity", "full", "--recompute-method", "split"]
     _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel", *split])
+    _lora_parity(tmp, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--lora-fusion", *split])
+    # TP=1 per stage: the fused linears whose recomputation skips linear_proj's / linear_fc2's output GEMMs
     _lora_parity(tmp, ["--pipeline-model-parallel-size", "2", *split])
 
 
