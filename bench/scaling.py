@@ -74,9 +74,9 @@ def main():
         r = run(spec, a, model_dir, data)
         print(json.dumps(r), flush=True)
         results.append(r)
-    base = next((r for r in results if r.get("gpus") == 1), None) or next((r for r in results if "error" not in r),
-                                                                          None)
-    vs = "1 GPU" if base is not None and base["gpus"] == 1 else f"{base['layout'] if base else '-'}"
+    ran = [r for r in results if "error" not in r]
+    base = next((r for r in ran if r["gpus"] == 1), ran[0] if ran else None)
+    vs = "-" if base is None else "1 GPU" if base["gpus"] == 1 else base["layout"]
     print(f"\n| TPxPPxDP | GPUs | tokens/s | tokens/s per GPU | efficiency vs {vs} | max rel. loss diff vs {vs} |")
     print("|---|---|---|---|---|---|")
     for r in results:
