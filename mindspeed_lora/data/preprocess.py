@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -193,10 +194,14 @@ def encoded_chunks(state: EncoderState, records, workers: int):
     # spawn, not fork: the parent holds tokenizer threads that fork would copy. One tokenizer thread per
     # worker: the workers already use the cores, and tokenizers' thread pool on top of them made 2 workers
     # slower than 1 on 2 cores. Children read these variables at start.
+    # A process pool from concurrent.futures, not multiprocessing.Pool: Pool.terminate() can kill a worker
+    # halfway through sending a result, and its result thread then waits forever for the rest (Ctrl-C hung).
+    # The executor also reports a worker that died (e.g. killed for memory) instead of waiting on it.
     saved = {k: os.environ.get(k) for k in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
     try:
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(state,))
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(state,))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -206,17 +211,15 @@ def encoded_chunks(state: EncoderState, records, workers: int):
     try:
         pending = collections.deque()
         for locations, payloads in _chunks(records):
-            pending.append((locations, pool.apply_async(_encode_in_worker, (payloads,))))
+            pending.append((locations, pool.submit(_encode_in_worker, payloads)))
             if len(pending) >= 2 * workers + 2:
                 locations, job = pending.popleft()
-                yield locations, job.get()
+                yield locations, job.result()
         while pending:
             locations, job = pending.popleft()
-            yield locations, job.get()
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+            yield locations, job.result()
+    finally:  # on an error or Ctrl-C: drop the queued chunks, let the few running ones finish, workers exit
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -299,8 +302,9 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
     bar = tqdm(total=total, unit=" samples", desc="preprocess",
                disable=not cfg.progress, miniters=cfg.log_interval, mininterval=0.5 if tty else 30,
                dynamic_ncols=True)
+    chunks = encoded_chunks(state, records, cfg.workers)
     try:
-        for locations, result in encoded_chunks(state, records, cfg.workers):
+        for locations, result in chunks:
             stats.read += result.n
             for i, kind, message in result.errors:
                 if not cfg.skip_bad_samples:
@@ -316,7 +320,8 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
             stats.padding_tokens += result.padding_tokens
             bar.update(result.n)
             bar.set_postfix(written=stats.written, refresh=False)
-    finally:
+    finally:  # the workers stop here, not whenever the generator is collected
+        chunks.close()
         bar.close()
     if stats.written == 0:
         raise UserError(f"--input {cfg.input}: no sample was written ({stats.read} read, "
