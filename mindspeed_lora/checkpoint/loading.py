@@ -66,12 +66,16 @@ def resolve_lora_config(lora_dir: str):
     return LoraConfig.from_dict(ckpt.lora.to_metadata(), os.path.join(lora_dir, megatron_io.METADATA))
 
 
+def arch_differences(a: ModelArch, b: ModelArch) -> list[str]:
+    """'field a-value vs b-value' for each architecture field that differs (the storage dtype does not count)."""
+    return [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(ModelArch)
+            if f.name != "torch_dtype" and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def check_layout(ckpt: MegatronCheckpoint, arch: ModelArch, parallel: ParallelOptions) -> None:
     """Refuse a checkpoint of another model, or one saved with another TP/PP layout than this run's."""
     # the model first: resharding cannot fix a different one
-    diffs = [f"{f.name} {getattr(ckpt.arch, f.name)!r} vs {getattr(arch, f.name)!r}"
-             for f in dataclasses.fields(ModelArch)
-             if f.name != "torch_dtype" and getattr(ckpt.arch, f.name) != getattr(arch, f.name)]
+    diffs = arch_differences(ckpt.arch, arch)
     if diffs:
         raise UserError(f"{ckpt.what} {ckpt.path}: a different model ({'; '.join(diffs)}; checkpoint vs this run)")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size

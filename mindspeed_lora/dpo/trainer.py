@@ -4,8 +4,8 @@ Each step runs the global batch twice through megatron's pipeline schedule (any 
 
   1. reference, forward only, no grad: with LoRA the policy itself with its adapters off
      (``lora.toggle.adapters_disabled``: no second copy in memory); with full fine-tuning a frozen copy
-     of ``--load`` built with the same layout. The last pipeline stage keeps each micro-batch's sequence
-     log-probs on the micro-batch.
+     of the reference model built with the same layout. The last pipeline stage keeps each micro-batch's
+     sequence log-probs on the micro-batch.
   2. policy, forward and backward: the last stage turns the policy's and the kept reference log-probs into
      the DPO loss (``dpo.loss``) and the reward metrics.
 
@@ -13,11 +13,16 @@ A micro-batch of M pairs is 2M rows (chosen, then rejected: ``data.pairwise_data
 returns the vocab-parallel per-token cross-entropy -log p(label) [2M, s], so sequence log-probs are complete on
 every TP rank without gathering logits. The loss of a micro-batch is the mean over its pairs; megatron averages
 micro-batches and DP replicas, so the step's gradient is that of the mean over the global batch's pairs.
+
+The full fine-tuning reference is ``--ref-load``, else the model the run started from: ``--load`` on a fresh
+start; on a resume the model recorded under ``dpo_reference`` in the checkpoint's ``mindspeed_lora.json``
+(the trained weights in ``--load`` are the policy, not the reference).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from contextlib import nullcontext
 from functools import partial
 
@@ -25,22 +30,30 @@ import torch
 import torch.distributed as dist
 
 from mindspeed_lora.accelerator import get_accelerator
+from mindspeed_lora.checkpoint import megatron_io
+from mindspeed_lora.checkpoint.loading import LoadSource, arch_differences
 from mindspeed_lora.data.pairwise_dataset import PairwiseIndexedDataset, check_pairwise_prefix, collate_pairs
 from mindspeed_lora.data.sft_dataset import micro_batch_positions
 from mindspeed_lora.dpo.loss import DPOConfig, SequenceLogps, dpo_loss, sequence_logps
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.training import model as model_setup
 from mindspeed_lora.training.config import TrainingConfig
-from mindspeed_lora.training.sft import SFTTrainer, TrainResult
+from mindspeed_lora.training.sft import SFTTrainer, TrainResult, log_rank0
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
            "logps/rejected")
+
+
+REFERENCE_KEY = "dpo_reference"
+"""``mindspeed_lora.json`` key: the absolute path of a full fine-tuning DPO run's reference model."""
 
 
 @dataclasses.dataclass
 class DPORunConfig:
     training: TrainingConfig
     dpo: DPOConfig
+    ref_load: str | None = None
+    """--ref-load: the reference model (full fine-tuning only)."""
 
 
 def config_from_args(args: argparse.Namespace) -> DPORunConfig:
@@ -50,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> DPORunConfig:
     # training_config_from_args validates everything but the stage, which it only knows as "sft"
     training = training_config_from_args(argparse.Namespace(**{**vars(args), "stage": "sft"}))
     training.args["stage"] = args.stage
-    return DPORunConfig(training, dpo_config_from_args(args))
+    return DPORunConfig(training, dpo_config_from_args(args), args.ref_load)
 
 
 def _row_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +77,13 @@ class DPOTrainer(SFTTrainer):
     _check_data_prefix = staticmethod(check_pairwise_prefix)
     _open_dataset = staticmethod(PairwiseIndexedDataset)
 
-    def __init__(self, cfg: TrainingConfig, dpo: DPOConfig):
+    def __init__(self, cfg: TrainingConfig, dpo: DPOConfig, ref_load: str | None = None):
         super().__init__(cfg)
         self.dpo = dpo
+        self.ref_load = ref_load
         self.reference = None
         """Full fine-tuning: the frozen reference chunk; None with LoRA (the policy with adapters off)."""
+        self.reference_source: LoadSource | None = None
         self.reference_rope = None
         self.last_metrics: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -83,21 +98,58 @@ class DPOTrainer(SFTTrainer):
         if cfg.data.neat_pack or cfg.data.reset_attention:
             raise UserError("--neat-pack / --reset-attention-mask / --reset-position-ids: pairwise data is not "
                             "packed; drop them for --stage dpo")
+        if self.ref_load and cfg.lora is not None:
+            raise UserError(f"--ref-load {self.ref_load}: with LoRA the reference is the --load model with its "
+                            "adapters off; --ref-load is for full-parameter DPO")
         super().setup()
         if self.lora is None:
-            if self.resume:
-                # the reference must be the model DPO started from, which a training checkpoint no longer holds
-                raise UserError(f"--load {cfg.model.load}: resuming full-parameter DPO from a training checkpoint "
-                                "is not supported (the reference model would be the trained weights); give "
-                                "--finetune to start a new DPO run from these weights")
+            self.reference_source = self._reference_source()
             self._build_reference()
+
+    def _reference_source(self) -> LoadSource:
+        """--ref-load; on a fresh start --load; on a resume the reference its checkpoint recorded."""
+        cfg = self.cfg
+        if self.ref_load:
+            path, what = self.ref_load, "--ref-load"
+        elif not self.resume:
+            return self.source
+        else:
+            meta = os.path.join(self.source.path, megatron_io.METADATA)
+            path = (self.source.metadata or {}).get(REFERENCE_KEY)
+            if path is None:
+                raise UserError(
+                    f"--load {self.source.path}: a training checkpoint whose {meta} records no DPO reference model "
+                    "(an SFT run's, or an older DPO run's); give --finetune to start DPO from these weights, or "
+                    "--ref-load REFERENCE_DIR to resume a full-parameter DPO run against its reference")
+            if not os.path.isdir(path):
+                raise UserError(f"--load {self.source.path}: the DPO reference model recorded in {meta} ({path}) "
+                                "is not there any more; give its new place with --ref-load")
+            what = f"the DPO reference recorded in {meta}:"
+        source = model_setup.inspect_load_dir(path, what)
+        diffs = arch_differences(model_setup.resolve_arch(source, cfg.model, what), self.arch)
+        if diffs:
+            raise UserError(f"{what} {path}: a different model than --load ({'; '.join(diffs)}; reference vs "
+                            "policy)")
+        if source.kind == "megatron":
+            if source.metadata.get("lora"):
+                raise UserError(f"{what} {path}: a LoRA adapter checkpoint; the reference must be a whole model "
+                                "(merge the adapter with convert_ckpt.py --lora-load first)")
+            model_setup.check_layout(source, self.arch, cfg.parallel, what)
+        return source
+
+    def _checkpoint_metadata(self, iteration: int) -> dict:
+        meta = super()._checkpoint_metadata(iteration)
+        if self.reference_source is not None:  # what a resume compares against
+            meta[REFERENCE_KEY] = os.path.abspath(self.reference_source.path)
+        return meta
 
     def _build_reference(self) -> None:
         cfg, r = self.cfg, self.rank
         options = model_setup.model_options(cfg, [])
         ref, self.reference_rope = model_setup.build_stage_model(self.arch, cfg, options, r.is_first_stage,
                                                                  r.is_last_stage)
-        model_setup.load_base_weights(ref, self.source, self.arch, cfg.parallel, r.tp_rank, r.pp_rank)
+        model_setup.load_base_weights(ref, self.reference_source, self.arch, cfg.parallel, r.tp_rank, r.pp_rank)
+        log_rank0(f"DPO reference model: {self.reference_source.path}")
         for p in ref.parameters():
             p.requires_grad_(False)
         self.reference = ref.eval()
@@ -197,7 +249,7 @@ class DPOTrainer(SFTTrainer):
 
 
 def run(cfg: DPORunConfig) -> TrainResult:
-    trainer = DPOTrainer(cfg.training, cfg.dpo)
+    trainer = DPOTrainer(cfg.training, cfg.dpo, cfg.ref_load)
     trainer.setup()
     try:
         return trainer.train()

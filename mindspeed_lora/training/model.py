@@ -21,12 +21,12 @@ from mindspeed_lora.training import positions
 from mindspeed_lora.training.config import ModelSetup, TrainingConfig
 
 
-def resolve_arch(source: LoadSource, setup: ModelSetup) -> ModelArch:
+def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") -> ModelArch:
     """The checkpoint's architecture with command-line overrides applied and checked."""
-    arch = loading.resolve_arch(source.path)
+    arch = loading.resolve_arch(source.path, what)
     if setup.arch_overrides:
         arch = dataclasses.replace(arch, **setup.arch_overrides)
-    where = f"--load {source.path}"
+    where = f"{what} {source.path}"
     if setup.untie_embeddings and arch.tie_word_embeddings:
         raise UserError(f"--untie-embeddings-and-output-weights: {where} ties the output layer to the embedding")
     if setup.require_qk_layernorm and not arch.qk_layernorm:

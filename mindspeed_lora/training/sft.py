@@ -57,7 +57,7 @@ class TrainResult:
     loss_curve: str | None = None
 
 
-def _log(msg: str) -> None:
+def log_rank0(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
 
@@ -157,15 +157,15 @@ class SFTTrainer:
             self.iteration, self.consumed = checkpointing.restore_training_state(
                 resume_path, resume_state, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank,
                 load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng)
-            _log(f"resuming from {resume_path} at iteration {self.iteration} "
+            log_rank0(f"resuming from {resume_path} at iteration {self.iteration} "
                  f"({self.consumed} samples consumed)")
         elif resume_path is not None:
-            _log(f"{resume_path} holds weights only: starting at iteration 0")
+            log_rank0(f"{resume_path} holds weights only: starting at iteration 0")
         self.tb = metrics.TensorBoardLog(cfg.logging.tensorboard_dir if dist.get_rank() == 0 else None)
         self.lora_training = self.lora is not None
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
-        _log(f"model {self.arch.family}: {self.arch.num_layers} layers, hidden {self.arch.hidden_size}; "
+        log_rank0(f"model {self.arch.family}: {self.arch.num_layers} layers, hidden {self.arch.hidden_size}; "
              f"TP {self.rank.tp_size} PP {self.rank.pp_size} DP {self.rank.dp_size}; rank 0 trains "
              f"{n_trainable:,} of {n_total:,} parameters ({'LoRA' if self.lora else 'full fine-tuning'})")
 
@@ -187,7 +187,7 @@ class SFTTrainer:
             if segments == "eod":
                 eod = self._eod_id()
         elif has_ids:
-            _log("warning: attention_mask holds neat-pack segment ids but neither --neat-pack nor "
+            log_rank0("warning: attention_mask holds neat-pack segment ids but neither --neat-pack nor "
                  "--reset-attention-mask is set: packed samples will attend to each other")
         multiple = 8
         if cfg.parallel.sequence_parallel:
@@ -202,7 +202,7 @@ class SFTTrainer:
             self.train_iters = b.train_iters
         else:
             self.train_iters = max(1, int(b.train_epochs * len(self.train_order)) // b.global_batch_size)
-        _log(f"data {d.data_path}: {len(self.dataset)} samples, {len(self.train_order)} train, "
+        log_rank0(f"data {d.data_path}: {len(self.dataset)} samples, {len(self.train_order)} train, "
              f"{len(self.valid_order)} valid; {self.train_iters} iterations of {b.global_batch_size} samples "
              f"({self.train_iters * b.global_batch_size / len(self.train_order):.2f} epochs)")
 
@@ -333,14 +333,18 @@ class SFTTrainer:
             return self.lora.adapter_state(self.model)
         return model_setup.checkpoint_weight_keys(self.model)
 
+    def _checkpoint_metadata(self, iteration: int) -> dict:
+        """What ``mindspeed_lora.json`` beside the checkpoints records."""
+        return model_setup.metadata_for(self.arch, self.cfg.parallel, self.cfg.model.params_dtype,
+                                        self.lora.metadata() if self.lora else None, iteration)
+
     def save(self, iteration: int) -> str:
         ck = self.cfg.checkpoint
         overlap = self.cfg.optim.overlap_param_gather
         if overlap:
             for chunk in self.chunks:  # completes the in-flight param all-gather: the weights are current
                 chunk.disable_forward_pre_hook(param_sync=True)
-        meta = model_setup.metadata_for(self.arch, self.cfg.parallel, self.cfg.model.params_dtype,
-                                        self.lora.metadata() if self.lora else None, iteration)
+        meta = self._checkpoint_metadata(iteration)
         try:
             return checkpointing.save_checkpoint(
                 ck.save, iteration, model_state=self._model_state(), optimizer=self.optimizer,
@@ -393,8 +397,8 @@ class SFTTrainer:
                 if self.iteration % log.log_interval == 0 or self.iteration == self.train_iters:
                     mem = acc.memory_stats()
                     scale = float(self.optimizer.get_loss_scale()) if cfg.model.params_dtype == torch.float16 else None
-                    _log(metrics.format_log_line(self.iteration, self.train_iters, self.consumed, stats, lr, grad_norm,
-                                                 gbs, self.rank.world_size, mem, scale))
+                    log_rank0(metrics.format_log_line(self.iteration, self.train_iters, self.consumed, stats, lr,
+                                                      grad_norm, gbs, self.rank.world_size, mem, scale))
                     self.tb.scalars(self.iteration, {
                         "lm loss": stats.loss_sum / stats.iterations, "learning-rate": lr, "grad-norm": grad_norm,
                         "skipped-iterations": stats.skipped, "tokens-per-sec": stats.tokens / max(stats.seconds, 1e-9),
@@ -446,7 +450,7 @@ class SFTTrainer:
         if log.manual_gc and log.manual_gc_eval:
             gc.collect()
         result.valid_losses.append((self.iteration, loss))
-        _log(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
+        log_rank0(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
              f"lm loss PPL: {math.exp(min(loss, 50)):.6E} |")
         self.tb.scalars(self.iteration, {"lm loss validation": loss})
 

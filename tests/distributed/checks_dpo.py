@@ -5,6 +5,7 @@ same DPO run at TP=1 (2 data-parallel ranks) for the TP=2 / TP=2+SP / PP=2 layou
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -38,7 +39,7 @@ def trainer_for(argv: list[str]):
 
     argv = [*argv, "--loss-curve", os.path.join(tempfile.mkdtemp(prefix="curve"), "c.png")]
     cfg = config_from_args(parse_args("posttrain_gpt", argv))
-    trainer = DPOTrainer(cfg.training, cfg.dpo)
+    trainer = DPOTrainer(cfg.training, cfg.dpo, cfg.ref_load)
     trainer.setup()
     return trainer
 
@@ -156,3 +157,80 @@ def check_training_learns_the_preference(tmp):
     margin = [m["rewards/margin"] for _, m in history]
     assert min(acc[-3:]) > 0.9, acc
     assert sum(margin[-3:]) / 3 > 1.0 > margin[1], margin
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+def _expect_user_error(argv: list[str], *fragments: str) -> None:
+    from mindspeed_lora.errors import UserError
+
+    try:
+        train(argv)
+    except UserError as e:
+        for frag in fragments:
+            assert frag in str(e), f"message {str(e)!r} lacks {frag!r}"
+        return
+    raise AssertionError(f"no UserError for {argv}")
+
+
+def _edit_metadata(save: str, **changes) -> None:
+    if dist.get_rank() == 0:
+        path = os.path.join(save, "mindspeed_lora.json")
+        meta = json.load(open(path))
+        meta.update(changes)
+        meta = {k: v for k, v in meta.items() if v is not None}
+        json.dump(meta, open(path, "w"))
+    dist.barrier()
+
+
+def check_full_dpo_resumes_exactly_against_its_reference(tmp):
+    """Full-parameter DPO saved at step 2 of 4 and resumed from that checkpoint: steps 3-4 give the
+    uninterrupted run's metrics bit for bit, so the reference is the recorded start model and not the trained
+    weights --load now holds (that would change every reward). The same with --ref-load given; refusals for a
+    checkpoint recording no reference, a recorded reference that is gone, another model, and LoRA."""
+    from tests.distributed.checks_training import barrier_write_latest
+
+    p = inputs(tmp)
+    save = os.path.join(tmp, "dpo_full")
+
+    def argv(load, extra=()):
+        return dfx.dpo_argv(load, p["data"], iters=4, gbs=4, mbs=1, lr=1e-2, extra=["--dpo-beta", "0.5", *extra])
+
+    full = train(argv(p["model"], ["--save", save, "--save-interval", "2"]))
+    meta = json.load(open(os.path.join(save, "mindspeed_lora.json")))
+    assert meta["dpo_reference"] == os.path.abspath(p["model"]), meta.get("dpo_reference")
+    barrier_write_latest(save, 2)
+    want = [(i, m) for i, m in full if i > 2]
+    assert want[0][1]["rewards/margin"] != 0.0, "the policy must have moved from the reference by step 3"
+    resumed = train(argv(save))
+    assert resumed == want, f"resumed {resumed} vs uninterrupted {want}"
+    assert train(argv(save, ["--ref-load", p["model"]])) == want
+
+    _edit_metadata(save, dpo_reference=None)  # as an SFT checkpoint has it
+    _expect_user_error(argv(save), "records no DPO reference model", "--finetune", "--ref-load")
+    _edit_metadata(save, dpo_reference=os.path.join(tmp, "moved_away"))
+    _expect_user_error(argv(save), "moved_away) is not there any more", "--ref-load")
+    other = os.path.join(os.path.dirname(p["model"]), "hf_qwen2")
+    if dist.get_rank() == 0:
+        fx.tiny_model_dir(os.path.dirname(p["model"]), "qwen2")
+    dist.barrier()
+    _expect_user_error(argv(save, ["--ref-load", other]), f"--ref-load {other}: a different model")
+    _expect_user_error(argv(p["model"], ["--ref-load", p["model"], *LORA]), "with LoRA the reference is")
+
+
+def check_lora_dpo_resumes_exactly(tmp):
+    """LoRA DPO saved at step 2 of 4, resumed with --lora-load: steps 3-4 equal the uninterrupted run's."""
+    from tests.distributed.checks_training import barrier_write_latest
+
+    p = inputs(tmp)
+    save = os.path.join(tmp, "dpo_lora")
+
+    def argv(extra):
+        return dfx.dpo_argv(p["model"], p["data"], iters=4, gbs=4, mbs=1, lr=1e-2,
+                            extra=["--dpo-beta", "0.5", *LORA, *extra])
+
+    full = train(argv(["--save", save, "--save-interval", "2"]))
+    barrier_write_latest(save, 2)
+    want = [(i, m) for i, m in full if i > 2]
+    assert want[0][1]["rewards/margin"] != 0.0, "the adapters must have moved the policy by step 3"
+    assert train(argv(["--lora-load", save])) == want

@@ -73,6 +73,16 @@ def test_run_config_keeps_the_stage_and_refuses_per_token_loss(tmp_path):
         DPOTrainer(cfg.training, cfg.dpo).setup()
 
 
+def test_ref_load_flag_and_its_mindspeed_name():
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.dpo.trainer import config_from_args
+
+    for flag in ("--ref-load", "--ref-model"):
+        cfg = config_from_args(parse_args("posttrain_gpt", dfx.dpo_argv("m", "d", extra=[flag, "/ref"])))
+        assert cfg.ref_load == "/ref"
+    assert config_from_args(parse_args("posttrain_gpt", dfx.dpo_argv("m", "d"))).ref_load is None
+
+
 def test_adapters_disabled_gives_the_base_model(tmp_path):
     from mindspeed_lora import tiny
     from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
