@@ -49,7 +49,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
                    help="largest mean |logit diff| --test-convert-precision accepts (Megatron-SWIFT's 0.1)")
     g.add_argument("--hf-cfg-dir", default=None,
                    help="HF dir with config.json and tokenizer files, where the checkpoint has no hf_config/ "
-                        "(mg -> hf), or the base model of a PEFT adapter (hf -> mg)")
+                        "(mg -> hf); the HF model a MindSpeed-LLM / Megatron-LM checkpoint (no mindspeed_lora.json) "
+                        "was converted from (mg -> hf, mg -> mg); or the base model of a PEFT adapter (hf -> mg)")
     g.add_argument("--tokenizer-model", default=None,
                    help="tokenizer file or dir (MindSpeed-LLM's flag); its directory's tokenizer files are "
                         "copied instead of the source's")

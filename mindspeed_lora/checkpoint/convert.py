@@ -396,6 +396,15 @@ def _hf_output_dir(cfg: ConvertConfig) -> str:
     return cfg.save_dir
 
 
+def _megatron_source(cfg: ConvertConfig, path: str, what: str) -> MegatronCheckpoint:
+    """A checkpoint of this project, or one of MindSpeed-LLM / Megatron-LM described from the HF config of
+    --hf-cfg-dir (or of an HF --save-dir, MindSpeed-LLM's way of naming it for mg -> hf)."""
+    config_dir = cfg.hf_cfg_dir
+    if config_dir is None and os.path.isfile(os.path.join(cfg.save_dir, "config.json")):
+        config_dir = cfg.save_dir
+    return MegatronCheckpoint(path, what, config_dir)
+
+
 def _config_dir(cfg: ConvertConfig, ckpt: MegatronCheckpoint) -> str:
     for candidate in (cfg.hf_cfg_dir, ckpt.hf_config_dir, cfg.save_dir):
         if candidate and os.path.isfile(os.path.join(candidate, "config.json")):
@@ -407,14 +416,14 @@ def _config_dir(cfg: ConvertConfig, ckpt: MegatronCheckpoint) -> str:
 def mg_to_hf(cfg: ConvertConfig) -> ConvertResult:
     """A merged HF model: the base checkpoint, with the LoRA of --lora-load (or of the checkpoint itself)."""
     t0 = time.time()
-    base = MegatronCheckpoint(cfg.load_dir)
+    base = _megatron_source(cfg, cfg.load_dir, "--load-dir")
     _check_family(cfg, base.arch, os.path.join(cfg.load_dir, megatron_io.METADATA))
     if not base.has_base:
         raise UserError(f"--load-dir {cfg.load_dir}: holds LoRA tensors only; give the base model's checkpoint as "
                         "--load-dir and this one as --lora-load (or pass --save-lora-to-hf for a PEFT adapter)")
     base.check_keys(True, None)
     adapter, lora = None, None
-    lora_ckpt = MegatronCheckpoint(cfg.lora_load, "--lora-load") if cfg.lora_load else \
+    lora_ckpt = _megatron_source(cfg, cfg.lora_load, "--lora-load") if cfg.lora_load else \
         (base if base.has_adapter else None)
     if lora_ckpt is not None:
         if not lora_ckpt.has_adapter:
@@ -454,7 +463,7 @@ def export_lora(cfg: ConvertConfig) -> ConvertResult:
         raise UserError("--test-convert-precision compares whole models; with --save-lora-to-hf there is no merged "
                         "model to run (convert with --lora-load instead to test the merge)")
     what, path = ("--lora-load", cfg.lora_load) if cfg.lora_load else ("--load-dir", cfg.load_dir)
-    ckpt = MegatronCheckpoint(path, what)
+    ckpt = _megatron_source(cfg, path, what)
     if not ckpt.has_adapter:
         raise UserError(f"{what} {path}: no LoRA tensors (lora_A / lora_B) in its shards")
     lora = ckpt.adapter_config(_lora_flags(cfg))
@@ -472,7 +481,7 @@ def export_lora(cfg: ConvertConfig) -> ConvertResult:
 def mg_to_mg(cfg: ConvertConfig) -> ConvertResult:
     """Reshard a Megatron checkpoint (base, adapter or both) to the target TP/PP."""
     t0 = time.time()
-    src = MegatronCheckpoint(cfg.load_dir)
+    src = _megatron_source(cfg, cfg.load_dir, "--load-dir")
     arch = src.arch
     _check_family(cfg, arch, os.path.join(cfg.load_dir, megatron_io.METADATA))
     lora = src.adapter_config(_lora_flags(cfg)) if src.has_adapter else None

@@ -40,9 +40,10 @@ def inspect_load_dir(path: str, what: str = "--load") -> LoadSource:
     if meta is not None:
         return LoadSource(path, "megatron", meta)
     if os.path.isfile(os.path.join(path, megatron_io.LATEST)):
-        raise UserError(f"{what} {path}: a Megatron checkpoint without {megatron_io.METADATA}; convert the HF "
-                        "model with this project's convert_ckpt.py (it records the architecture), or pass the "
-                        f"HF model directory to {what}")
+        raise UserError(f"{what} {path}: a Megatron checkpoint without {megatron_io.METADATA} (MindSpeed-LLM's "
+                        "or Megatron-LM's?); import it once with convert_ckpt.py --load-model-type mg "
+                        f"--save-model-type mg --load-dir {path} --save-dir NEW_DIR --hf-cfg-dir HF_MODEL_DIR "
+                        "(the HF model it was converted from), or pass the HF model directory to " + what)
     if os.path.isfile(os.path.join(path, "config.json")):
         return LoadSource(path, "hf")
     raise UserError(f"{what} {path}: neither a Megatron checkpoint ({megatron_io.LATEST} + {megatron_io.METADATA}) "

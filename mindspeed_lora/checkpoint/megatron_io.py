@@ -9,7 +9,9 @@
         mp_rank_TT_PPP/model_optim_rng.pt      PP > 1
 
 ``model_optim_rng.pt`` is a dict: ``model`` (state dict), ``iteration``, ``checkpoint_version`` 3.0 and
-``args`` -- args as a plain dict, so every file loads with ``torch.load(weights_only=True)``.
+``args`` -- args as a plain dict, so every file loads with ``torch.load(weights_only=True)``. Shards of
+MindSpeed-LLM and Megatron-LM pickle an argparse.Namespace and numpy RNG state instead: ``safe_torch_load``
+reads those too, still without running code from the file (``foreign`` describes such checkpoints).
 
 Atomicity: an iteration is written into ``iter_XXXXXXX.tmp-<token>``, renamed to ``iter_XXXXXXX`` when
 complete, and only then does ``latest_checkpointed_iteration.txt`` (itself replaced atomically) point at it.
@@ -102,12 +104,58 @@ def resolve_iteration_dir(load_dir: str, iteration: int | None = None) -> str:
     return path
 
 
+class Opaque:
+    """What a class or function named in a foreign shard's pickle becomes (an enum in Megatron's pickled args,
+    numpy's RNG state, a BytesIO of extra state): built from the pickle's arguments without importing or
+    calling anything from the file's modules. Only its constructor arguments (``args``) and pickled state
+    (``state``) are kept."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def safe_torch_load(path: str, map_location):
+    """``torch.load(weights_only=True)``; for a file written by MindSpeed-LLM or Megatron-LM, whose pickle also
+    names argparse.Namespace (the args), numpy (RNG state) or enums, those names are rebuilt as a plain
+    Namespace or as ``Opaque``: loading never runs code from the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not names:
+            raise
+    import argparse
+
+    allowed = [(argparse.Namespace if name == "argparse.Namespace" else Opaque, name) for name in names]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch blocks modules such as os and subprocess whatever is allowed
+        lines = str(e).splitlines()
+        detail = next((ln.strip() for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
+        raise UserError(f"{path}: not loaded: {detail} (a checkpoint shard holds tensors, Megatron's args and "
+                        "RNG state; nothing that runs code)") from None
+
+
 def load_shard(path: str) -> dict:
     """Load one model_optim_rng.pt; never runs code from the file."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint shard missing (another TP/PP layout? see {METADATA})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path, "cpu")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{path}: cannot load checkpoint shard ({e})") from e
 
@@ -143,9 +191,14 @@ class ShardReader:
             raise UserError(f"{path}: checkpoint shard missing (another TP/PP layout? see {METADATA})")
         self.path = path
         try:
-            state = torch.load(path, map_location="meta", weights_only=True)
+            state = safe_torch_load(path, "meta")
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"{path}: cannot load checkpoint shard (truncated or not a torch checkpoint?): {e}") from e
+        if isinstance(state, dict) and "model" not in state and "model0" in state:
+            raise UserError(f"{path}: a checkpoint with virtual pipeline stages (model0, model1, ...); reshard it "
+                            "without --num-layers-per-virtual-pipeline-stage where it was written")
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise UserError(f"{path}: expected a dict with a 'model' state dict")
         self._meta: dict[str, torch.Tensor] = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}

@@ -131,16 +131,26 @@ class HFSource(TensorSource):
 
 
 class MegatronCheckpoint:
-    """A Megatron checkpoint dir written by this project (``mindspeed_lora.json`` beside the shards)."""
+    """A Megatron checkpoint dir: written by this project (``mindspeed_lora.json`` beside the shards), or by
+    MindSpeed-LLM / Megatron-LM when ``config_dir`` names the HF model it came from (``foreign.describe``)."""
 
-    def __init__(self, path: str, what: str = "--load-dir"):
+    def __init__(self, path: str, what: str = "--load-dir", config_dir: str | None = None):
         if not os.path.isdir(path):
             raise UserError(f"{what} {path}: no such directory")
         meta = megatron_io.read_metadata(path)
         meta_path = os.path.join(path, megatron_io.METADATA)
+        self.foreign_config_dir = None
+        if meta is None and config_dir is not None and os.path.isfile(os.path.join(path, megatron_io.LATEST)):
+            from mindspeed_lora.checkpoint import foreign
+
+            meta = foreign.describe(path, config_dir, what)
+            meta_path = f"{path} (described from {os.path.join(config_dir, 'config.json')})"
+            self.foreign_config_dir = config_dir
         if meta is None:
             raise UserError(f"{what} {path}: no {megatron_io.METADATA} (a Megatron checkpoint written by this "
-                            "project's convert_ckpt.py or posttrain_gpt.py records the architecture there)")
+                            "project's convert_ckpt.py or posttrain_gpt.py records the architecture there; for one "
+                            "written by MindSpeed-LLM or Megatron-LM, give the HF model it was converted from as "
+                            "--hf-cfg-dir)")
         for key in ("arch", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if key not in meta:
                 raise UserError(f"{meta_path}: missing key {key!r}")
@@ -174,6 +184,8 @@ class MegatronCheckpoint:
 
     @property
     def hf_config_dir(self) -> str | None:
+        if self.foreign_config_dir is not None:
+            return self.foreign_config_dir
         d = os.path.join(self.path, megatron_io.HF_CONFIG_DIR)
         return d if os.path.isfile(os.path.join(d, "config.json")) else None
 

@@ -174,5 +174,6 @@ def test_megatron_checkpoint_without_metadata_refused(tmp_path):
     from mindspeed_lora.checkpoint import megatron_io
 
     (tmp_path / megatron_io.LATEST).write_text("1")
-    with pytest.raises(UserError, match="--load .*: a Megatron checkpoint without mindspeed_lora.json; convert"):
+    with pytest.raises(UserError, match="--load .*: a Megatron checkpoint without mindspeed_lora.json .*import it "
+                                        "once with convert_ckpt.py .*--hf-cfg-dir"):
         inspect_load_dir(str(tmp_path))
