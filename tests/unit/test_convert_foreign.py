@@ -149,10 +149,14 @@ def test_lora_checkpoint_merges_and_exports(foreign, tmp_path):
     run(lora, tmp_path / "peft", "mg", "hf", hf_cfg_dir=hf_dir, save_lora_to_hf=True)
     from safetensors.torch import load_file
 
-    exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     want = peft_state(adapter)
-    assert sorted(exported) == sorted(want)
-    assert all(torch.equal(exported[k], want[k]) for k in want)
+    for peft_dir in ("peft", "peft_of_import"):
+        if peft_dir == "peft_of_import":  # imported into our format (TP 1), then exported: the same adapter
+            run(lora, tmp_path / "imported", "mg", "mg", hf_cfg_dir=hf_dir)
+            run(tmp_path / "imported", tmp_path / peft_dir, "mg", "hf", save_lora_to_hf=True)
+        exported = load_file(str(tmp_path / peft_dir / "adapter_model.safetensors"))
+        assert sorted(exported) == sorted(want)
+        assert all(torch.equal(exported[k], want[k]) for k in want), peft_dir
 
 
 def test_loading_never_calls_what_the_pickle_names(foreign, tmp_path):
