@@ -8,6 +8,12 @@ and z = (pi_c - pi_r) - (ref_c - ref_r):
   hinge    max(0, 1 - beta z)                                         (SLiC)
   ipo      (z' - 1 / (2 beta))^2, z' computed from per-token MEAN log-probs (IPO, as TRL does)
 
+Reference-free (no reference model, no reference pass), on per-token MEAN log-probs c, r of the policy, with
+rewards beta c and beta r (as LLaMA-Factory reports them):
+
+  simpo    -log sigma(beta (c - r) - gamma)                           (SimPO; gamma = --simpo-gamma)
+  orpo     -c - beta log sigma(log odds(c) - log odds(r)),  log odds(p) = p - log(1 - e^p)   (ORPO)
+
 An optional SFT term adds ftx * (-mean log-prob of the chosen response tokens).
 """
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch.nn.functional as F
 
 from mindspeed_lora.errors import UserError
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -27,11 +34,17 @@ class DPOConfig:
     beta: float = 0.1
     """Strength of the KL penalty towards the reference (--dpo-beta)."""
     loss_type: str = "sigmoid"
-    """sigmoid | hinge | ipo (--dpo-loss-type)."""
+    """sigmoid | hinge | ipo | simpo | orpo (--dpo-loss-type)."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped, for the sigmoid loss (--dpo-label-smoothing)."""
     pref_ftx: float = 0.0
     """Weight of the SFT loss on the chosen responses (--pref-ftx)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (--simpo-gamma)."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -44,6 +57,8 @@ class DPOConfig:
             raise UserError("--dpo-label-smoothing applies to --dpo-loss-type sigmoid only")
         if self.pref_ftx < 0:
             raise UserError(f"--pref-ftx must be >= 0, got {self.pref_ftx}")
+        if self.simpo_gamma < 0:
+            raise UserError(f"--simpo-gamma must be >= 0, got {self.simpo_gamma}")
 
 
 @dataclass
@@ -62,8 +77,27 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def dpo_loss(cfg: DPOConfig, policy: SequenceLogps, reference: SequenceLogps) -> tuple[torch.Tensor, dict]:
-    """Mean loss over pairs and the metrics dict (detached scalars)."""
+def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logp); log(1 - p) as log(-expm1) (exact near p = 1, kept below 0)."""
+    return mean_logp - torch.log(-torch.expm1(mean_logp.clamp(max=-1e-6)))
+
+
+def _reference_free_loss(cfg: DPOConfig, policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c, r = policy.chosen / policy.chosen_len, policy.rejected / policy.rejected_len
+    if cfg.loss_type == "simpo":
+        losses = -F.logsigmoid(cfg.beta * (c - r) - cfg.simpo_gamma)
+    else:
+        losses = -c - cfg.beta * F.logsigmoid(_log_odds(c) - _log_odds(r))
+    return losses, cfg.beta * c.detach(), cfg.beta * r.detach()
+
+
+def dpo_loss(cfg: DPOConfig, policy: SequenceLogps, reference: SequenceLogps | None) -> tuple[torch.Tensor, dict]:
+    """Mean loss over pairs and the metrics dict (detached scalars); ``reference`` is None for simpo / orpo."""
+    if not cfg.needs_reference:
+        losses, chosen_rewards, rejected_rewards = _reference_free_loss(cfg, policy)
+        if cfg.pref_ftx:
+            losses = losses + cfg.pref_ftx * (-policy.chosen / policy.chosen_len)
+        return losses.mean(), _metrics(policy, chosen_rewards, rejected_rewards)
     if cfg.loss_type == "ipo":
         pc, pr = policy.chosen / policy.chosen_len, policy.rejected / policy.rejected_len
         rc, rr = reference.chosen / reference.chosen_len, reference.rejected / reference.rejected_len
@@ -81,7 +115,11 @@ def dpo_loss(cfg: DPOConfig, policy: SequenceLogps, reference: SequenceLogps) ->
         losses = losses + cfg.pref_ftx * (-policy.chosen / policy.chosen_len)
     chosen_rewards = cfg.beta * (policy.chosen - reference.chosen).detach()
     rejected_rewards = cfg.beta * (policy.rejected - reference.rejected).detach()
-    metrics = {
+    return losses.mean(), _metrics(policy, chosen_rewards, rejected_rewards)
+
+
+def _metrics(policy: SequenceLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
@@ -89,4 +127,3 @@ def dpo_loss(cfg: DPOConfig, policy: SequenceLogps, reference: SequenceLogps) ->
         "logps/chosen": policy.chosen.detach().mean(),
         "logps/rejected": policy.rejected.detach().mean(),
     }
-    return losses.mean(), metrics

@@ -9,6 +9,8 @@ Each step runs the global batch twice through megatron's pipeline schedule (any 
   2. policy, forward and backward: the last stage turns the policy's and the kept reference log-probs into
      the DPO loss (``dpo.loss``) and the reward metrics.
 
+The reference-free losses (simpo, orpo) skip step 1 and build no reference model.
+
 A micro-batch of M pairs is 2M rows (chosen, then rejected: ``data.pairwise_dataset``). GPTModel with labels
 returns the vocab-parallel per-token cross-entropy -log p(label) [2M, s], so sequence log-probs are complete on
 every TP rank without gathering logits. The loss of a micro-batch is the mean over its pairs; megatron averages
@@ -98,11 +100,14 @@ class DPOTrainer(SFTTrainer):
         if cfg.data.neat_pack or cfg.data.reset_attention:
             raise UserError("--neat-pack / --reset-attention-mask / --reset-position-ids: pairwise data is not "
                             "packed; drop them for --stage dpo")
+        if self.ref_load and not self.dpo.needs_reference:
+            raise UserError(f"--ref-load {self.ref_load}: --dpo-loss-type {self.dpo.loss_type} uses no reference "
+                            "model")
         if self.ref_load and cfg.lora is not None:
             raise UserError(f"--ref-load {self.ref_load}: with LoRA the reference is the --load model with its "
                             "adapters off; --ref-load is for full-parameter DPO")
         super().setup()
-        if self.lora is None:
+        if self.lora is None and self.dpo.needs_reference:
             self.reference_source = self._reference_source()
             self._build_reference()
 
@@ -187,9 +192,9 @@ class DPOTrainer(SFTTrainer):
     def _dpo_loss(self, batch: dict, output: torch.Tensor):
         m = batch["pairs"]
         logps, lengths = _row_logps(output, batch["loss_mask"].to(output.device))
-        ref = batch["reference_logps"]
+        ref = batch.get("reference_logps")
         loss, metrics = dpo_loss(self.dpo, SequenceLogps(logps[:m], logps[m:], lengths[:m], lengths[m:]),
-                                 SequenceLogps(ref[:m], ref[m:], lengths[:m], lengths[m:]))
+                                 None if ref is None else SequenceLogps(ref[:m], ref[m:], lengths[:m], lengths[m:]))
         # sums over the micro-batch's pairs, and the pair count: reduced over micro-batches and DP in _reduce_loss
         means = torch.stack([loss.detach()] + [metrics[k].float() for k in METRICS[1:]])
         report = torch.cat([means * m, torch.tensor([float(m)], device=means.device)])
@@ -220,7 +225,8 @@ class DPOTrainer(SFTTrainer):
                 c.train(mode)
 
     def _run_microbatches(self, batches: list[dict], forward_only: bool) -> list[dict]:
-        self.reference_pass(batches)
+        if self.dpo.needs_reference:
+            self.reference_pass(batches)
         return self._run_schedule(self._forward_step, self.chunks, batches, forward_only)
 
     def _reduce_loss(self, reported: list[dict]) -> float:

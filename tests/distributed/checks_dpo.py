@@ -13,6 +13,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from mindspeed_lora.errors import UserError
 from tests import dpo_fixtures as dfx
 from tests import lora_fixtures as lfx
 from tests import training_fixtures as fx
@@ -69,10 +70,20 @@ def _log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
-def _oracle(kind: str, beta: float, eps: float, ftx: float, pol: list, ref: list) -> dict:
+def _oracle(kind: str, beta: float, eps: float, ftx: float, pol: list, ref: list, gamma: float = 0.0) -> dict:
     """pol / ref: per pair (chosen logp, chosen len, rejected logp, rejected len)."""
     losses, rc, rr = [], [], []
     for (pc, lc, pr, lr), (qc, _, qr, _) in zip(pol, ref):
+        if kind in ("simpo", "orpo"):  # reference-free, on mean log-probs
+            c, r = pc / lc, pr / lr
+            if kind == "simpo":
+                loss = -_log_sigmoid(beta * (c - r) - gamma)
+            else:
+                loss = -c - beta * _log_sigmoid((c - math.log(1 - math.exp(c))) - (r - math.log(1 - math.exp(r))))
+            losses.append(loss - ftx * c)
+            rc.append(beta * c)
+            rr.append(beta * r)
+            continue
         if kind == "ipo":
             h = (pc / lc - pr / lr) - (qc / lc - qr / lr)
             loss = (h - 1 / (2 * beta)) ** 2
@@ -108,13 +119,13 @@ def check_loss_and_rewards_equal_hf_peft_oracle_tp2(tmp):
             ref.append(_hf_logps(peft, s, "chosen") + _hf_logps(peft, s, "rejected"))
     assert any(abs(a[0] - b[0]) > 1e-2 for a, b in zip(pol, ref)), "adapters must change the log-probs"
     for kind, beta, eps, ftx in (("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.3), ("ipo", 0.3, 0.0, 0.0),
-                                 ("hinge", 0.1, 0.0, 0.0)):
-        trainer.dpo = DPOConfig(beta=beta, loss_type=kind, label_smoothing=eps, pref_ftx=ftx)
+                                 ("hinge", 0.1, 0.0, 0.0), ("simpo", 2.0, 0.0, 0.2), ("orpo", 0.2, 0.0, 0.0)):
+        trainer.dpo = DPOConfig(beta=beta, loss_type=kind, label_smoothing=eps, pref_ftx=ftx, simpo_gamma=0.7)
         for c in trainer.chunks:
             c.eval()
         with torch.no_grad():
             loss = trainer._reduce_loss(trainer._run_microbatches(trainer._batches(trainer.train_order, 0), True))
-        want = _oracle(kind, beta, eps, ftx, pol, ref)
+        want = _oracle(kind, beta, eps, ftx, pol, ref, gamma=0.7)
         got = dict(trainer.last_metrics)
         assert abs(loss - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (kind, loss, want["loss"])
         for k, v in want.items():
@@ -125,10 +136,12 @@ def check_loss_and_rewards_equal_hf_peft_oracle_tp2(tmp):
 # --------------------------------------------------------------------------------------------- layouts
 
 def _assert_same_history(got, want, what):
+    """Within 1e-5 relative to the step's largest reward or the value (a margin is a difference of rewards)."""
     assert len(got) == len(want) == 3, (what, got, want)
     for (i, g), (_, w) in zip(got, want):
+        scale = max(1.0, abs(w["rewards/chosen"]), abs(w["rewards/rejected"]))
         for k, v in w.items():
-            assert abs(g[k] - v) <= 1e-5 * max(1.0, abs(v)), f"{what} iteration {i} {k}: {g[k]!r} vs TP=1 {v!r}"
+            assert abs(g[k] - v) <= 1e-5 * max(scale, abs(v)), f"{what} iteration {i} {k}: {g[k]!r} vs TP=1 {v!r}"
 
 
 def check_tp2_sp_and_pp2_train_like_tp1(tmp):
@@ -146,6 +159,35 @@ def check_tp2_sp_and_pp2_train_like_tp1(tmp):
     _assert_same_history(train(argv(["--tensor-model-parallel-size", "2", "--sequence-parallel", *LORA])),
                          lora_tp1, "LoRA TP=2 SP")
     _assert_same_history(train(argv(["--pipeline-model-parallel-size", "2", *LORA])), lora_tp1, "LoRA PP=2")
+
+
+def check_reference_free_losses_build_and_run_no_reference(tmp):
+    """Full fine-tuning with simpo / orpo: no reference model is built and no reference pass runs (the batches
+    never get reference log-probs); three steps at TP=2 give TP=1's metrics; --ref-load is refused."""
+    p = inputs(tmp)
+    for kind in ("simpo", "orpo"):
+        def argv(extra):
+            return dfx.dpo_argv(p["model"], p["data"], iters=3, gbs=4, mbs=1, lr=1e-2,
+                                extra=["--dpo-loss-type", kind, "--dpo-beta", "2.0", *extra])
+
+        trainer = trainer_for(argv([]))
+        try:
+            assert trainer.reference is None and trainer.reference_source is None
+            batches = trainer._batches(trainer.train_order, 0)
+            trainer._run_microbatches(batches, forward_only=True)
+            assert not any("reference_logps" in b for b in batches)
+            trainer.train()
+        finally:
+            trainer.cleanup()
+        tp1 = trainer.history
+        assert tp1[-1][1]["loss"] != tp1[0][1]["loss"]
+        _assert_same_history(train(argv(["--tensor-model-parallel-size", "2"])), tp1, f"{kind} TP=2")
+    try:
+        train(argv(["--ref-load", p["model"]]))
+    except UserError as e:
+        assert "uses no reference model" in str(e), str(e)
+    else:
+        raise AssertionError("--ref-load with a reference-free loss was accepted")
 
 
 def check_training_learns_the_preference(tmp):
