@@ -14,6 +14,8 @@ import importlib.util
 from mindspeed_lora.arguments.common import add_lora_args, add_parallel_args, add_prompt_args, add_tokenizer_args
 from mindspeed_lora.arguments.dpo import add_dpo_args
 
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
 STAGES = ("sft", "dpo")
 
 
@@ -159,6 +161,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true", help="resume without restoring RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (no optimizer, scheduler or data position)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal (a scheduler's warning before preemption or its time limit), finish the "
+                        "iteration, save a checkpoint (with --save) and exit 0; all ranks stop at the same iteration")
+    g.add_argument("--exit-signal", default="SIGTERM", choices=EXIT_SIGNALS,
+                   help="the signal --exit-signal-handler waits for")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit after the first iteration divisible by N")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit after the first iteration that ends this many minutes after "
+                        "training started (the slowest rank's clock)")
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:

@@ -165,10 +165,18 @@ class CheckpointSetup:
     load_rng: bool = True
     finetune: bool = False
     lora_load: str | None = None
+    exit_signal: str | None = None
+    """The signal that makes training save and exit (--exit-signal-handler); None: no handler."""
+    exit_interval: int | None = None
+    exit_duration_mins: float | None = None
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:
             raise UserError(f"--save-interval {self.save_interval}: expected a positive number")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise UserError(f"--exit-interval {self.exit_interval}: expected a positive number")
+        if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
+            raise UserError(f"--exit-duration-in-mins {self.exit_duration_mins}: expected a positive number")
         if self.save_interval is not None and self.save is None:
             raise UserError("--save-interval needs --save")
 
@@ -356,6 +364,8 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         save=args.save, save_interval=args.save_interval, save_optim=not args.no_save_optim,
         save_rng=not args.no_save_rng, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
         finetune=args.finetune, lora_load=args.lora_load,
+        exit_signal=args.exit_signal if args.exit_signal_handler else None, exit_interval=args.exit_interval,
+        exit_duration_mins=args.exit_duration_in_mins,
     )
     logging = LoggingSetup(
         log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,

@@ -36,6 +36,7 @@ from mindspeed_lora.errors import UserError
 from mindspeed_lora.training import checkpointing, metrics
 from mindspeed_lora.training import model as model_setup
 from mindspeed_lora.training.config import TrainingConfig
+from mindspeed_lora.training.exiting import ExitWatch
 
 
 class TrainingStopped(UserError):
@@ -55,6 +56,8 @@ class TrainResult:
     """Iterations whose update was skipped (fp16 loss-scale overflow)."""
     checkpoints: list[str] = field(default_factory=list)
     loss_curve: str | None = None
+    exit_reason: str | None = None
+    """Why training stopped before --train-iters (--exit-signal-handler / --exit-interval / duration)."""
 
 
 def log_rank0(msg: str) -> None:
@@ -367,7 +370,9 @@ class SFTTrainer:
         for chunk in self.chunks:
             chunk.train()
         profiler = self._profiler()
-        with manual_gc(log.manual_gc):
+        ck = cfg.checkpoint
+        watch = ExitWatch(ck.exit_signal, ck.exit_interval, ck.exit_duration_mins)
+        with manual_gc(log.manual_gc), contextlib.closing(watch):
             while self.iteration < self.train_iters:
                 t0 = time.time()
                 batches = self._batches(self.train_order, self.consumed)
@@ -409,12 +414,17 @@ class SFTTrainer:
                     stats = metrics.IntervalStats()
                 if log.eval_interval and log.eval_iters and self.iteration % log.eval_interval == 0:
                     self._validate(result)
-                if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                if ck.save_interval and self.iteration % ck.save_interval == 0:
                     result.checkpoints.append(self.save(self.iteration))
                 if log.manual_gc and log.manual_gc_interval and self.iteration % log.manual_gc_interval == 0:
                     gc.collect()
-        if log.eval_iters and log.eval_interval and (not result.valid_losses
-                                                     or result.valid_losses[-1][0] != self.iteration):
+                result.exit_reason = watch.reason(self.iteration)
+                if result.exit_reason is not None:
+                    log_rank0(f"exiting after iteration {self.iteration}: {result.exit_reason}"
+                              + ("" if ck.save else " (no --save: nothing is saved)"))
+                    break
+        if result.exit_reason is None and log.eval_iters and log.eval_interval and (
+                not result.valid_losses or result.valid_losses[-1][0] != self.iteration):
             self._validate(result)
         if cfg.checkpoint.save and (not result.checkpoints
                                     or not result.checkpoints[-1].endswith(f"iter_{self.iteration:07d}")):
@@ -451,7 +461,7 @@ class SFTTrainer:
             gc.collect()
         result.valid_losses.append((self.iteration, loss))
         log_rank0(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | "
-             f"lm loss PPL: {math.exp(min(loss, 50)):.6E} |")
+                  f"lm loss PPL: {math.exp(min(loss, 50)):.6E} |")
         self.tb.scalars(self.iteration, {"lm loss validation": loss})
 
     def _loss_curve(self, result: TrainResult) -> str | None:

@@ -55,8 +55,9 @@ def inputs(root: str) -> dict:
     return paths
 
 
-def train(argv: list[str]):
-    """One run through the library entry points posttrain_gpt.py uses (process group kept alive)."""
+def train(argv: list[str], prepare=None):
+    """One run through the library entry points posttrain_gpt.py uses (process group kept alive);
+    ``prepare(trainer)`` runs between setup and training."""
     from mindspeed_lora.arguments import parse_args
     from mindspeed_lora.training.config import training_config_from_args
     from mindspeed_lora.training.sft import SFTTrainer
@@ -65,6 +66,8 @@ def train(argv: list[str]):
         argv = [*argv, "--loss-curve", os.path.join(tempfile.mkdtemp(prefix="curve"), "loss_curve.png")]
     trainer = SFTTrainer(training_config_from_args(parse_args("posttrain_gpt", argv)))
     trainer.setup()
+    if prepare is not None:
+        prepare(trainer)
     try:
         result = trainer.train()
     finally:
@@ -184,6 +187,41 @@ def _resume_bitwise(tmp: str, extra: list[str]) -> None:
     got = [v for _, v in resumed.losses]
     assert got == want, f"resumed {got} vs uninterrupted {want}"
     assert [g for _, g in resumed.grad_norms] == [g for i, g in full.grad_norms if i > 3]
+
+
+def check_planned_exits_save_and_resume_exactly(tmp):
+    """--exit-interval 2, and --exit-signal-handler with SIGTERM reaching rank 1 only during iteration 3: both
+    ranks stop after the same iteration, that iteration is saved, and resuming from it gives the uninterrupted
+    run's losses bit for bit; --exit-duration-in-mins stops after the first iteration; the SIGTERM handler is
+    the previous one again after training."""
+    import signal
+
+    p = inputs(root_of(tmp))
+    _, full = train(base_argv(p, iters=6))
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm_rank1_in_iteration_3(trainer):
+        step = trainer.train_step
+
+        def train_step(batches):
+            out = step(batches)
+            if trainer.iteration == 2 and dist.get_rank() == 1:  # iteration 3 is the one in flight
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        trainer.train_step = train_step
+
+    for extra, prepare, stop, reason in ((["--exit-interval", "2"], None, 2, "--exit-interval 2"),
+                                         (["--exit-signal-handler"], sigterm_rank1_in_iteration_3, 3,
+                                          "SIGTERM received")):
+        save = os.path.join(tmp, f"exit{stop}")
+        _, result = train(base_argv(p, iters=6, extra=["--save", save, *extra]), prepare)
+        assert (result.iteration, result.exit_reason) == (stop, reason), (result.iteration, result.exit_reason)
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(stop)
+        _, resumed = train(fx.train_argv(save, p["toy"], iters=6, gbs=4, mbs=1, seq=32, lr=2e-3))
+        assert resumed.losses == [(i, v) for i, v in full.losses if i > stop], (resumed.losses, full.losses)
+    _, result = train(base_argv(p, iters=6, extra=["--exit-duration-in-mins", "1e-9"]))
+    assert (result.iteration, result.exit_reason) == (1, "--exit-duration-in-mins 1e-09 reached")
 
 
 def check_resume_is_bitwise_with_distributed_optimizer(tmp):

@@ -58,6 +58,15 @@ def test_mindspeed_llm_script_flags_parse_into_the_config():
 BASE = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-iters 3 --lr 1e-4"
 
 
+def test_exit_flags():
+    ck = cfg_of(BASE).checkpoint
+    assert (ck.exit_signal, ck.exit_interval, ck.exit_duration_mins) == (None, None, None)
+    ck = cfg_of(f"{BASE} --exit-signal-handler --exit-interval 7 --exit-duration-in-mins 230").checkpoint
+    assert (ck.exit_signal, ck.exit_interval, ck.exit_duration_mins) == ("SIGTERM", 7, 230.0)
+    assert cfg_of(f"{BASE} --exit-signal-handler --exit-signal SIGUSR1").checkpoint.exit_signal == "SIGUSR1"
+    assert cfg_of(f"{BASE} --exit-signal SIGUSR1").checkpoint.exit_signal is None  # only with the handler
+
+
 @pytest.mark.parametrize("extra, message", [
     ("--stage dpo", "--stage dpo: the SFT trainer's config takes --stage sft"),
     ("--bf16 --fp16", "--bf16 or --fp16"),
@@ -70,6 +79,8 @@ BASE = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-i
     ("--overlap-param-gather", "needs --use-distributed-optimizer"),
     ("--save-interval 5", "--save-interval needs --save"),
     ("--manual-gc-interval 5", "--manual-gc-interval needs --manual-gc"),
+    ("--exit-interval 0", "--exit-interval 0: expected a positive number"),
+    ("--exit-duration-in-mins 0", "--exit-duration-in-mins 0.0: expected a positive number"),
     ("--manual-gc --manual-gc-interval -1", "--manual-gc-interval -1: expected 0 or a positive number"),
     ("--lora-load /x", "--lora-load needs --lora-target-modules"),
     ("--micro-batch-size 0", "--micro-batch-size 0"),
