@@ -13,6 +13,7 @@ import importlib.util
 
 from mindspeed_lora.arguments.common import add_lora_args, add_parallel_args, add_prompt_args, add_tokenizer_args
 from mindspeed_lora.arguments.dpo import add_dpo_args
+from mindspeed_lora.arguments.mindspeed_llm import add_mindspeed_llm_args
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 
@@ -33,6 +34,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     add_logging_args(parser)
     add_lora_args(parser)
     add_compat_args(parser)
+    add_mindspeed_llm_args(parser)
     add_dpo_args(parser)
     if importlib.util.find_spec("mindspeed_lora.arguments.fused_ops") is not None:
         from mindspeed_lora.arguments.fused_ops import add_fused_ops_args

@@ -10,7 +10,12 @@ def run_from_args(args):
     # CUDA-graph default we do not use
     for message in (r".*(Apex|Transformer Engine).* (is|are) not installed", r"full scope is deprecated"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    from mindspeed_lora.errors import UserError
     from mindspeed_lora.parallel import shutdown
+
+    if args.is_pairwise_dataset and args.stage != "dpo":
+        raise UserError(f"--is-pairwise-dataset with --stage {args.stage}: pairwise (chosen / rejected) data trains "
+                        "with --stage dpo")
     if args.stage == "dpo":
         from mindspeed_lora.dpo.trainer import config_from_args, run
     else:

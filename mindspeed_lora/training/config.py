@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mindspeed_lora.arguments.common import parse_num_layer_list
+from mindspeed_lora.arguments.mindspeed_llm import mindspeed_llm_notes, rope_scaling_flags
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.builder import ParallelOptions
 
@@ -41,6 +42,10 @@ class ModelSetup:
     """--untie-embeddings-and-output-weights was given: the checkpoint must not tie them."""
     require_qk_layernorm: bool = False
     require_qkv_bias: bool = False
+    family: str | None = None
+    """--model-type-hf: the family the checkpoint must be."""
+    rope_scaling: dict = field(default_factory=dict)
+    """The rope-scaling flags given ({rope_scaling key: value}): the checkpoint's must match."""
     params_dtype: torch.dtype = torch.float32
     recompute_granularity: str | None = None
     recompute_method: str | None = None
@@ -232,6 +237,8 @@ class TrainingConfig:
     """Loss from the final hidden states by the chunked linear cross-entropy (mindspeed_lora.ops)."""
     args: dict = field(default_factory=dict)
     """The parsed flags as plain data, stored in checkpoints."""
+    notes: list[str] = field(default_factory=list)
+    """Startup notes: MindSpeed-LLM flags given that take no effect here."""
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -303,8 +310,21 @@ def _fused_cross_entropy(args: argparse.Namespace) -> bool:
     return fused_linear_cross_entropy_enabled(args)
 
 
+def _family(model_type_hf: str | None) -> str | None:
+    if model_type_hf is None:
+        return None
+    from mindspeed_lora.arguments.convert import MODEL_TYPE_ALIASES
+    from mindspeed_lora.models.family import get_family
+
+    try:
+        return get_family(MODEL_TYPE_ALIASES.get(model_type_hf, model_type_hf)).name
+    except UserError as e:
+        raise UserError(f"--model-type-hf: {e}") from None
+
+
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     _check_compat(args)
+    notes = mindspeed_llm_notes(args)
     granularity = "selective" if args.recompute_activations and args.recompute_granularity is None \
         else args.recompute_granularity
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -315,6 +335,8 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         untie_embeddings=args.untie_embeddings_and_output_weights,
         require_qk_layernorm=args.qk_layernorm,
         require_qkv_bias=args.add_qkv_bias,
+        family=_family(args.model_type_hf),
+        rope_scaling=rope_scaling_flags(args),
         params_dtype=dtype,
         recompute_granularity=granularity,
         recompute_method=args.recompute_method,
@@ -379,4 +401,5 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         model=model, parallel=parallel, data=data, batch=batch, optim=optim, checkpoint=checkpoint,
         logging=logging, seed=args.seed, lora=_lora_config(args), lora_fusion=args.lora_fusion,
         spec_hooks=_fused_spec_hooks(args), fused_cross_entropy=_fused_cross_entropy(args), args=plain_args(args),
+        notes=notes,
     )

@@ -33,6 +33,16 @@ def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") ->
         raise UserError(f"--qk-layernorm: the {arch.family} model at {where} has no q/k layernorm")
     if setup.require_qkv_bias and not arch.qkv_bias:
         raise UserError(f"--add-qkv-bias: the {arch.family} model at {where} has no q/k/v bias")
+    if setup.family is not None and setup.family != arch.family:
+        raise UserError(f"--model-type-hf {setup.family}: {where} is a {arch.family} model")
+    if setup.rope_scaling:
+        have = arch.rope_scaling or {}
+        kind = have.get("rope_type", have.get("type"))
+        for key, want in setup.rope_scaling.items():
+            got = kind if key == "rope_type" else have.get(key)
+            if got != want:
+                raise UserError(f"rope scaling {key} {want!r} on the command line, but {where} has {got!r} "
+                                f"(its rope_scaling: {arch.rope_scaling})")
     if arch.num_attention_heads % arch.num_query_groups:
         raise UserError(f"num_attention_heads {arch.num_attention_heads} is not a multiple of num_query_groups "
                         f"{arch.num_query_groups}")

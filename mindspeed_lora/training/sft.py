@@ -104,6 +104,9 @@ class SFTTrainer:
         cfg = self.cfg
         par = cfg.parallel
         self._check_data_prefix(cfg.data.data_path)  # before the slow imports: a typo fails in a second
+        for note in cfg.notes:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"note: {note}", flush=True)
         self.source = model_setup.inspect_load_dir(cfg.model.load)
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)

@@ -142,6 +142,57 @@ def test_architecture_from_hf_config_with_overrides_and_refusals(tmp_path):
         inspect_load_dir(str(tmp_path / "missing"))
 
 
+# what MindSpeed-LLM's own long-sequence packed script (tune_qwen3_32b_32K_full_pack_A3_ptd.sh) adds, less its
+# context parallelism and virtual pipeline stages
+MINDSPEED_PACK_EXTRA = """
+    --use-flash-attn --use-fused-rotary-pos-emb --use-fused-swiglu --use-fused-rmsnorm --use-ascend-mc2
+    --handler-name AlpacaStyleInstructionHandler --workers 4 --enable-thinking true --pack --neat-pack
+    --reset-attention-mask --attention-mask-type general --enable-hf2mg-convert --model-type-hf qwen3
+    --context-parallel-size 1 --context-parallel-algo ulysses_cp_algo --no-shared-storage
+"""
+
+
+def test_mindspeed_llm_features_not_here_parse_with_notes_or_are_refused():
+    from mindspeed_lora.arguments.mindspeed_llm import MUST_BE_OFF
+
+    cfg = cfg_of(MINDSPEED_SCRIPT + MINDSPEED_PACK_EXTRA)
+    assert [n.split(":")[0] for n in cfg.notes] == ["--use-ascend-mc2", "--handler-name", "--workers", "--pack"]
+    assert cfg.model.family == "qwen3" and cfg.data.neat_pack
+    assert cfg_of(BASE).notes == []
+    values = {"--context-parallel-size": "2", "--output-layer-slice-num": "2"}
+    for flag, (kwargs, _, why) in MUST_BE_OFF.items():
+        given = flag if kwargs.get("action") == "store_true" else \
+            f"{flag} {values.get(flag, 'a b' if kwargs.get('nargs') else '4')}"
+        with pytest.raises(UserError, match=f"^{flag} .*: " + why.split(" (")[0].split(";")[0]):
+            cfg_of(f"{BASE} {given}")
+
+
+def test_pairwise_flag_needs_the_dpo_stage():
+    from mindspeed_lora.training import run_from_args
+
+    with pytest.raises(UserError, match="--is-pairwise-dataset with --stage sft: pairwise"):
+        run_from_args(parse_args("posttrain_gpt", shlex.split(f"{BASE} --is-pairwise-dataset")))
+
+
+def test_model_type_and_rope_scaling_flags_are_checked_against_the_model(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    src = inspect_load_dir(_hf_dir(tmp_path, "llama3", rope_scaling=dict(rope)))
+    flags = ("--rope-scaling-type llama3 --rope-scaling-factor 8 --low-freq-factor 1 --high-freq-factor 4 "
+             "--rope-scaling-original-max-position-embeddings 64")
+    got = resolve_arch(src, cfg_of(f"{BASE} --model-type-hf llama2 {flags}").model).rope_scaling
+    assert {k: got[k] for k in rope} == rope
+    with pytest.raises(UserError, match="--model-type-hf qwen3: --load .* is a llama3 model"):
+        resolve_arch(src, cfg_of(f"{BASE} --model-type-hf qwen3").model)
+    with pytest.raises(UserError, match="rope scaling factor 16.0 on the command line, but --load .* has 8.0"):
+        resolve_arch(src, cfg_of(f"{BASE} --rope-scaling-factor 16").model)
+    plain = inspect_load_dir(_hf_dir(tmp_path, "qwen3"))
+    with pytest.raises(UserError, match="rope scaling rope_type 'llama3' on the command line, but .* has None"):
+        resolve_arch(plain, cfg_of(f"{BASE} --rope-scaling-type llama3").model)
+    with pytest.raises(UserError, match="--model-type-hf: unknown model type 'gpt9'"):
+        cfg_of(f"{BASE} --model-type-hf gpt9")
+
+
 def _megatron_dir(path, arch, tp=1, pp=1, num_layer_list=None):
     """A minimal checkpoint of this project: metadata, latest iteration and shard (0, 0) of one tensor."""
     from mindspeed_lora.checkpoint import megatron_io
