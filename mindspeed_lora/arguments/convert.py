@@ -20,6 +20,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-mcore-models", action="store_true",
                    help="accepted for MindSpeed-LLM scripts: checkpoints are always megatron-core (mcore) models")
     g.add_argument("--model-type", default="GPT", choices=["GPT"], help="model class; only GPT")
+    g.add_argument("--spec", nargs="*", default=None,
+                   help="accepted for MindSpeed-LLM scripts: the layer layout comes from the model family")
     g.add_argument("--load-model-type", default="hf", choices=["hf", "mg"],
                    help="what --load-dir holds: an HF model (or PEFT adapter) dir, or a Megatron checkpoint")
     g.add_argument("--save-model-type", default="mg", choices=["hf", "mg"], help="what to write to --save-dir")

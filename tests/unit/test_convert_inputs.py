@@ -173,7 +173,8 @@ def test_generic_llama2_name_is_accepted(hf_dir, tmp_path):
     """MindSpeed-LLM's scripts pass --model-type-hf llama2 for Qwen2.5 too: config.json decides."""
     args = parse_args("convert_ckpt", ["--use-mcore-models", "--model-type", "GPT", "--load-dir", hf_dir,
                                        "--save-dir", str(tmp_path / "o"), "--model-type-hf", "llama2",
-                                       "--load-checkpoint-loosely", "--no-progress"])
+                                       "--load-checkpoint-loosely", "--no-progress",
+                                       "--spec", "mindspeed_llm.tasks.models.spec.qwen3_spec", "layer_spec"])
     cfg = convert_config_from_args(args)
     convert(cfg)
     assert json.load(open(tmp_path / "o" / "mindspeed_lora.json"))["arch"]["family"] == "qwen3"
