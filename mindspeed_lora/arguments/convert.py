@@ -45,8 +45,9 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
                    help="mg -> hf: write the LoRA adapter (from --lora-load, else --load-dir) as a PEFT adapter "
                         "dir instead of a merged model")
     g.add_argument("--test-convert-precision", action="store_true",
-                   help="after converting, compare HF and megatron-core logits in fp32 on a fixed probe; exit "
-                        "non-zero (and publish nothing) when the mean |diff| exceeds --precision-threshold")
+                   help="after converting, compare HF and megatron-core logits in fp32 on a fixed probe (for "
+                        "--save-lora-to-hf: peft over the HF base with the written adapter); exit non-zero (and "
+                        "publish nothing) when the mean |diff| exceeds --precision-threshold")
     g.add_argument("--precision-threshold", type=float, default=0.1,
                    help="largest mean |logit diff| --test-convert-precision accepts (Megatron-SWIFT's 0.1)")
     g.add_argument("--hf-cfg-dir", default=None,

@@ -457,13 +457,21 @@ def mg_to_hf(cfg: ConvertConfig) -> ConvertResult:
 
 
 def export_lora(cfg: ConvertConfig) -> ConvertResult:
-    """--save-lora-to-hf: the LoRA tensors of --lora-load (else --load-dir) as a PEFT adapter dir."""
+    """--save-lora-to-hf: the LoRA tensors of --lora-load (else --load-dir) as a PEFT adapter dir.
+
+    With --test-convert-precision the base model must be known (--load-dir with --lora-load, or a checkpoint
+    holding both): peft's PeftModel over the HF base with the written adapter is compared with megatron-core
+    running the base and the adapter before anything is published."""
     t0 = time.time()
-    if cfg.test_precision:
-        raise UserError("--test-convert-precision compares whole models; with --save-lora-to-hf there is no merged "
-                        "model to run (convert with --lora-load instead to test the merge)")
     what, path = ("--lora-load", cfg.lora_load) if cfg.lora_load else ("--load-dir", cfg.load_dir)
     ckpt = _megatron_source(cfg, path, what)
+    base = None
+    if cfg.test_precision:
+        base = _megatron_source(cfg, cfg.load_dir, "--load-dir") if cfg.lora_load else ckpt
+        if not base.has_base:
+            raise UserError("--test-convert-precision with --save-lora-to-hf runs the adapter on its base model: "
+                            "give the base checkpoint as --load-dir and the adapter as --lora-load")
+        _same_model(base.arch, ckpt.arch, f"{what} {path}")
     if not ckpt.has_adapter:
         raise UserError(f"{what} {path}: no LoRA tensors (lora_A / lora_B) in its shards")
     lora = ckpt.adapter_config(_lora_flags(cfg))
@@ -471,11 +479,21 @@ def export_lora(cfg: ConvertConfig) -> ConvertResult:
     view = MegatronAsHF(ckpt, base=False, lora=lora)
     dtype = dtype_from_name(cfg.params_dtype) if cfg.params_dtype else None
     base_model = os.path.abspath(cfg.hf_cfg_dir) if cfg.hf_cfg_dir else None  # the HF base, when named
+    report = None
     with StagedDir(_hf_output_dir(cfg), cfg.overwrite) as out:
         with _bar(cfg, len(view.keys()), "LoRA -> PEFT adapter") as bar:
             export_adapter(view, lora, out.path, dtype, base_model, bar)
+        if base is not None:
+            from peft import PeftModel
+
+            from mindspeed_lora.checkpoint.precision import megatron_model_from_checkpoint
+
+            _ensure_single_rank_parallel()
+            mcore = megatron_model_from_checkpoint(base, (lora, ckpt))
+            hf = PeftModel.from_pretrained(_hf_model_from(_config_dir(cfg, base), MegatronAsHF(base)), out.path)
+            report = _precision(cfg, hf.eval(), mcore, base.arch)
         out.publish()
-    return ConvertResult(out.final, len(view.keys()), time.time() - t0)
+    return ConvertResult(out.final, len(view.keys()), time.time() - t0, report)
 
 
 def mg_to_mg(cfg: ConvertConfig) -> ConvertResult:

@@ -11,6 +11,7 @@ import torch
 
 from mindspeed_lora.arguments.convert import ConvertConfig
 from mindspeed_lora.checkpoint.convert import PrecisionFailure, convert
+from mindspeed_lora.errors import UserError
 from mindspeed_lora.parallel import initialize
 from tests.convert_fixtures import (
     LINEARS,
@@ -59,6 +60,28 @@ def test_precision_passes_on_good_conversions(models, tmp_path):
         assert report.mean_diff < 1e-5 and report.max_diff < 1e-4, report.line()
         assert report.argmax_mismatches == 0 and report.tokens == 64
         assert os.path.isdir(result.save_dir)
+
+
+def test_precision_of_a_peft_adapter_export(models, tmp_path, monkeypatch):
+    """--save-lora-to-hf --test-convert-precision: peft over the HF base with the written adapter vs megatron-core
+    with the adapter; a B whose rows are exported in the wrong order fails it and publishes nothing."""
+    from mindspeed_lora.checkpoint.hf_writer import SafetensorsWriter
+
+    root, _, _, _ = models
+    result = run(root / "mg", tmp_path / "peft", "mg", "hf", lora_load=str(root / "lora"), save_lora_to_hf=True,
+                 test_precision=True)
+    assert result.precision.mean_diff < 1e-5 and result.precision.argmax_mismatches == 0, result.precision.line()
+    assert os.path.isfile(tmp_path / "peft" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="give the base checkpoint as --load-dir and the adapter as --lora-load"):
+        run(root / "lora", tmp_path / "no_base", "mg", "hf", save_lora_to_hf=True, test_precision=True)
+
+    write = SafetensorsWriter.write
+    monkeypatch.setattr(SafetensorsWriter, "write",
+                        lambda self, name, t: write(self, name, t.flip(0) if ".lora_B." in name else t))
+    with pytest.raises(PrecisionFailure):
+        run(root / "mg", tmp_path / "bad", "mg", "hf", lora_load=str(root / "lora"), save_lora_to_hf=True,
+            test_precision=True)
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_precision_fails_on_a_corrupted_conversion(models, tmp_path, monkeypatch):
