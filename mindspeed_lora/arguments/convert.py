@@ -20,6 +20,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-mcore-models", action="store_true",
                    help="accepted for MindSpeed-LLM scripts: checkpoints are always megatron-core (mcore) models")
     g.add_argument("--model-type", default="GPT", choices=["GPT"], help="model class; only GPT")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="accepted for MindSpeed-LLM scripts, checked: the model must have q/k/v biases (Qwen2)")
     g.add_argument("--spec", nargs="*", default=None,
                    help="accepted for MindSpeed-LLM scripts: the layer layout comes from the model family")
     g.add_argument("--load-model-type", default="hf", choices=["hf", "mg"],
@@ -94,6 +96,8 @@ class ConvertConfig:
     model_type_hf_generic: bool = False
     """--model-type-hf was MindSpeed-LLM's generic llama2, which its scripts also pass for other families:
     config.json decides then."""
+    require_qkv_bias: bool = False
+    """--add-qkv-bias: the model must have q/k/v biases."""
 
     def __post_init__(self):
         if self.target_tp < 1 or self.target_pp < 1:
@@ -147,5 +151,5 @@ def convert_config_from_args(args: argparse.Namespace) -> ConvertConfig:
         precision_threshold=args.precision_threshold, hf_cfg_dir=args.hf_cfg_dir, tokenizer_dir=tokenizer_dir,
         max_shard_size=max_shard, overwrite=args.overwrite_save_dir, progress=not args.no_progress,
         lora_load=args.lora_load, lora_flags=lora_flags,
-        model_type_hf_generic=args.model_type_hf in MODEL_TYPE_ALIASES,
+        model_type_hf_generic=args.model_type_hf in MODEL_TYPE_ALIASES, require_qkv_bias=args.add_qkv_bias,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from mindspeed_lora.dpo.loss import LOSS_TYPES, DPOConfig
+from mindspeed_lora.errors import UserError
 
 
 def add_dpo_args(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +17,11 @@ def add_dpo_args(parser: argparse.ArgumentParser) -> None:
                         "no reference model or pass: simpo (SimPO) or orpo (ORPO, with its own SFT term)")
     g.add_argument("--simpo-gamma", type=float, default=0.5,
                    help="SimPO's target reward margin gamma (LLaMA-Factory's simpo_gamma)")
+    g.add_argument("--simpo-beta", type=float, default=2.5, help="--stage simpo: SimPO's beta")
+    g.add_argument("--gamma-beta-ratio", type=float, default=1.4,
+                   help="--stage simpo: gamma / beta (the margin is gamma = ratio x --simpo-beta)")
+    g.add_argument("--simpo-loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"],
+                   help="--stage simpo: only sigmoid (SimPO's loss)")
     g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
                    help="probability that a preference label is wrong (conservative DPO); sigmoid loss only")
     g.add_argument("--ref-load", "--ref-model", dest="ref_load", metavar="DIR", default=None,
@@ -26,5 +32,14 @@ def add_dpo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def dpo_config_from_args(args: argparse.Namespace) -> DPOConfig:
+    if args.stage == "simpo":
+        if args.simpo_loss_type != "sigmoid":
+            raise UserError(f"--simpo-loss-type {args.simpo_loss_type}: only sigmoid (SimPO's loss); for hinge or "
+                            "ipo use --stage dpo --dpo-loss-type hinge|ipo")
+        if args.dpo_loss_type != "sigmoid":
+            raise UserError(f"--stage simpo with --dpo-loss-type {args.dpo_loss_type}: --stage simpo is SimPO; "
+                            "use --stage dpo to pick another loss")
+        return DPOConfig(beta=args.simpo_beta, loss_type="simpo", pref_ftx=args.pref_ftx,
+                         simpo_gamma=args.gamma_beta_ratio * args.simpo_beta)
     return DPOConfig(beta=args.dpo_beta, loss_type=args.dpo_loss_type, label_smoothing=args.dpo_label_smoothing,
                      pref_ftx=args.pref_ftx, simpo_gamma=args.simpo_gamma)

@@ -30,6 +30,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="prompts generated (or questions scored, unless --evaluation-batch-size) together")
     g.add_argument("--no-load-optim", action="store_true", help="always on: only model weights are loaded")
     g.add_argument("--no-load-rng", action="store_true", help="always on: only model weights are loaded")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="accepted for MindSpeed-LLM scripts, no effect: prompts are batched by --micro-batch-size")
+    g.add_argument("--max-tokens-to-oom", type=int, default=None,
+                   help="accepted for MindSpeed-LLM scripts, no effect: prompt + new tokens are bounded by "
+                        "--seq-length (default the model's max_position_embeddings)")
     g.add_argument("--hf-chat-template", action="store_true",
                    help="format prompts with the tokenizer's own chat template instead of --prompt-type")
     g.add_argument("--use-cuda-graph", action=argparse.BooleanOptionalAction, default=True,

@@ -39,6 +39,8 @@ NO_EFFECT = {
     "--profile-export-type": ({}, "the profiler's export format (Chrome trace + operator table here)"),
     "--profile-data-simplification": ({"action": "store_true"}, "the NPU profiler's data simplification"),
     "--shape-order": ({}, "the attention tensor layout (chosen per device and op here)"),
+    "--cp-window-size": ({"type": int}, "double-ring context-parallel attention"),
+    "--use-cp-send-recv-overlap": ({"action": "store_true"}, "context-parallel send/recv overlap"),
     "--wandb-project": ({}, "Weights & Biases logging (scalars go to --tensorboard-dir)"),
     "--wandb-exp-name": ({}, "Weights & Biases logging (scalars go to --tensorboard-dir)"),
     "--wandb-save-dir": ({}, "Weights & Biases logging (scalars go to --tensorboard-dir)"),
@@ -73,6 +75,12 @@ MUST_BE_OFF = {
     "--o2-gradient": ({"action": "store_true"}, False,
                       "bf16 gradient accumulation is not supported (it changes the numbers)"),
     "--num-experts": ({"type": int}, None, "mixture-of-experts models are not supported (dense models only)"),
+    "--no-check-for-nan-in-loss-and-grad": ({"action": "store_true"}, False,
+                                            "the NaN/inf check is always on: a non-finite loss stops the run "
+                                            "before the weights change, and the last checkpoint stays the latest"),
+    "--lu-lora-final-layer-index": ({"type": int}, None, "LU-LoRA is not supported; plain LoRA on all layers"),
+    "--lu-lora-lr": ({"type": float}, None, "LU-LoRA is not supported; plain LoRA on all layers"),
+    "--lu-lora-lr-ratio": ({"type": float}, None, "LU-LoRA is not supported; plain LoRA on all layers"),
     "--moe-grouped-gemm": ({"action": "store_true"}, False,
                            "mixture-of-experts models are not supported (dense models only)"),
 }
@@ -113,10 +121,21 @@ def add_mindspeed_llm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-padding-side", choices=["right"], default="right",
                    help="always right in training (the loss mask follows the data)")
     g.add_argument("--is-pairwise-dataset", action="store_true", help="checked: pairwise data is --stage dpo")
-    g.add_argument("--rope-scaling-type", choices=["llama3", "linear"], default=None,
-                   help="checked against the checkpoint's rope_scaling (HF config)")
+
+
+def add_model_compat_args(parser: argparse.ArgumentParser) -> None:
+    """MindSpeed-LLM's model-description flags that the checkpoint already fixes (training and inference)."""
+    g = parser.add_argument_group("MindSpeed-LLM model flags the checkpoint fixes (checked against it)")
+    g.add_argument("--rope-scaling-type", default=None, help="checked against the checkpoint's rope_scaling")
     for flag in list(ROPE_SCALING_FLAGS)[1:]:
         g.add_argument(flag, type=float, default=None, help="checked against the checkpoint's rope_scaling")
+    g.add_argument("--original-max-position-embeddings", type=float, default=None,
+                   help="MindSpeed-LLM's name of --rope-scaling-original-max-position-embeddings")
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="must be 1.0: rotary embedding on all of "
+                   "each head (partial rotary is not supported)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="accepted: the tokenizer's vocabulary; the embedding size is the checkpoint's "
+                        "(--padded-vocab-size checks it)")
 
 
 def mindspeed_llm_notes(args: argparse.Namespace) -> list[str]:
@@ -134,6 +153,17 @@ def mindspeed_llm_notes(args: argparse.Namespace) -> list[str]:
 
 
 def rope_scaling_flags(args: argparse.Namespace) -> dict:
-    """{rope_scaling key: value} of the rope-scaling flags given."""
-    return {key: getattr(args, _dest(flag)) for flag, key in ROPE_SCALING_FLAGS.items()
-            if getattr(args, _dest(flag)) is not None}
+    """{rope_scaling key: value} of the rope-scaling flags given; refuses partial rotary embeddings."""
+    if args.rotary_percent != 1.0:
+        raise UserError(f"--rotary-percent {args.rotary_percent}: partial rotary embeddings are not supported "
+                        "(the checkpoint's families rotate whole heads)")
+    given = {key: getattr(args, _dest(flag)) for flag, key in ROPE_SCALING_FLAGS.items()
+             if getattr(args, _dest(flag)) is not None}
+    original = args.original_max_position_embeddings
+    if original is not None:
+        if given.get("original_max_position_embeddings", original) != original:
+            raise UserError(f"--original-max-position-embeddings {original:g} and "
+                            "--rope-scaling-original-max-position-embeddings "
+                            f"{given['original_max_position_embeddings']:g} disagree")
+        given["original_max_position_embeddings"] = original
+    return given

@@ -17,7 +17,7 @@ from mindspeed_lora.arguments.mindspeed_llm import add_mindspeed_llm_args
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "simpo")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("post-training stage")
-    g.add_argument("--stage", default="sft", choices=STAGES, help="post-training task: sft or dpo")
+    g.add_argument("--stage", default="sft", choices=STAGES,
+                   help="post-training task: sft, dpo, or simpo (MindSpeed-LLM's former SimPO stage: --stage dpo "
+                        "--dpo-loss-type simpo with --simpo-beta and --gamma-beta-ratio)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +208,9 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:
     """MindSpeed-LLM flags that name what this project always does; accepted, and checked where they can clash."""
+    from mindspeed_lora.arguments.mindspeed_llm import add_model_compat_args
+
+    add_model_compat_args(parser)
     g = parser.add_argument_group("MindSpeed-LLM compatibility (fixed behaviour; accepted for existing scripts)")
     g.add_argument("--use-mcore-models", action="store_true", help="always on: megatron-core GPTModel")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",

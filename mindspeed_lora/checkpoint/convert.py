@@ -106,6 +106,8 @@ def _lora_flags(cfg: ConvertConfig) -> LoraCheckpointConfig | None:
 
 
 def _check_family(cfg: ConvertConfig, arch: ModelArch, source: str) -> None:
+    if cfg.require_qkv_bias and not arch.qkv_bias:
+        raise UserError(f"--add-qkv-bias: {source} describes a {arch.family} model, which has no q/k/v biases")
     if cfg.model_type_hf is None or cfg.model_type_hf == arch.family:
         return
     if cfg.model_type_hf_generic:

@@ -34,6 +34,8 @@ class ModelSource:
     untie_embeddings: bool = False
     require_qk_layernorm: bool = False
     require_qkv_bias: bool = False
+    rope_scaling: dict = field(default_factory=dict)
+    """Rope-scaling flags given ({rope_scaling key: value}): checked against the checkpoint."""
     seq_length: int | None = None
     """Longest prompt + generated text; None: the model's max_position_embeddings."""
     lora: object | None = None
@@ -55,6 +57,7 @@ class ModelSource:
 
 def model_source_from_args(args) -> ModelSource:
     """The model flags shared by inference.py and evaluation.py."""
+    from mindspeed_lora.arguments.mindspeed_llm import rope_scaling_flags
     from mindspeed_lora.training.config import ARCH_FLAGS
 
     if args.pipeline_model_parallel_size != 1:
@@ -69,7 +72,8 @@ def model_source_from_args(args) -> ModelSource:
         spec_hooks=fused_ops_hooks(args),
         arch_overrides={f: getattr(args, flag) for flag, f in ARCH_FLAGS.items() if getattr(args, flag) is not None},
         untie_embeddings=args.untie_embeddings_and_output_weights, require_qk_layernorm=args.qk_layernorm,
-        require_qkv_bias=args.add_qkv_bias, seq_length=args.seq_length, lora=_lora_flags(args),
+        require_qkv_bias=args.add_qkv_bias, rope_scaling=rope_scaling_flags(args), seq_length=args.seq_length,
+        lora=_lora_flags(args),
     )
 
 
@@ -100,7 +104,7 @@ def resolve_arch(source: ModelSource) -> ModelArch:
 
     setup = ModelSetup(load=source.load, arch_overrides=dict(source.arch_overrides),
                        untie_embeddings=source.untie_embeddings, require_qk_layernorm=source.require_qk_layernorm,
-                       require_qkv_bias=source.require_qkv_bias)
+                       require_qkv_bias=source.require_qkv_bias, rope_scaling=dict(source.rope_scaling))
     return arch_of(inspect_load(source.load), setup)
 
 

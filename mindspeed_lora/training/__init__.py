@@ -13,10 +13,10 @@ def run_from_args(args):
     from mindspeed_lora.errors import UserError
     from mindspeed_lora.parallel import shutdown
 
-    if args.is_pairwise_dataset and args.stage != "dpo":
+    if args.is_pairwise_dataset and args.stage not in ("dpo", "simpo"):
         raise UserError(f"--is-pairwise-dataset with --stage {args.stage}: pairwise (chosen / rejected) data trains "
                         "with --stage dpo")
-    if args.stage == "dpo":
+    if args.stage in ("dpo", "simpo"):
         from mindspeed_lora.dpo.trainer import config_from_args, run
     else:
         from mindspeed_lora.training.config import training_config_from_args as config_from_args

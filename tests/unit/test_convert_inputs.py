@@ -180,6 +180,13 @@ def test_generic_llama2_name_is_accepted(hf_dir, tmp_path):
     assert json.load(open(tmp_path / "o" / "mindspeed_lora.json"))["arch"]["family"] == "qwen3"
 
 
+def test_add_qkv_bias_is_checked(hf_dir, tmp_path):
+    args = parse_args("convert_ckpt", ["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--add-qkv-bias",
+                                       "--no-progress"])
+    with pytest.raises(UserError, match="--add-qkv-bias: .* describes a qwen3 model, which has no q/k/v biases"):
+        convert(convert_config_from_args(args))
+
+
 def test_unmapped_hf_tensor_is_named(hf_dir, tmp_path):
     odd = copy_tree(hf_dir, tmp_path / "odd")
     tensors = load_file(odd / "model.safetensors")

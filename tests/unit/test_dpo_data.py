@@ -73,6 +73,24 @@ def test_run_config_keeps_the_stage_and_refuses_per_token_loss(tmp_path):
         DPOTrainer(cfg.training, cfg.dpo).setup()
 
 
+def test_mindspeed_llm_simpo_stage_maps_to_the_simpo_loss():
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.dpo.loss import DPOConfig
+    from mindspeed_lora.dpo.trainer import config_from_args
+
+    def dpo_of(extra):
+        argv = [x if x != "dpo" else "simpo" for x in dfx.dpo_argv("m", "d", extra=extra)]
+        return config_from_args(parse_args("posttrain_gpt", argv)).dpo
+
+    assert dpo_of(["--simpo-beta", "2.0", "--gamma-beta-ratio", "0.5"]) == \
+        DPOConfig(beta=2.0, loss_type="simpo", simpo_gamma=1.0)
+    assert dpo_of([]) == DPOConfig(beta=2.5, loss_type="simpo", simpo_gamma=2.5 * 1.4)
+    with pytest.raises(UserError, match="--simpo-loss-type hinge: only sigmoid"):
+        dpo_of(["--simpo-loss-type", "hinge"])
+    with pytest.raises(UserError, match="--stage simpo with --dpo-loss-type ipo"):
+        dpo_of(["--dpo-loss-type", "ipo"])
+
+
 def test_ref_load_flag_and_its_mindspeed_name():
     from mindspeed_lora.arguments import parse_args
     from mindspeed_lora.dpo.trainer import config_from_args

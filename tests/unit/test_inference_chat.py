@@ -168,6 +168,26 @@ def test_load_dir_that_is_no_checkpoint(tmp_path):
         ModelSource(load=str(tmp_path / "nope"))
 
 
+def test_mindspeed_llm_rope_flags_are_checked_against_the_model(tmp_path):
+    """MindSpeed-LLM's Llama 3.2 generate script passes its rope scaling and a --global-batch-size."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.inference.model import model_source_from_args, resolve_arch
+
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    hf = tmp_path / "llama"
+    tiny.tiny_hf_config("llama3", rope_scaling=dict(rope)).save_pretrained(hf)
+
+    def source(factor):
+        return model_source_from_args(parse_args("inference", [
+            "--load", str(hf), "--rope-scaling-type", "llama3", "--rope-scaling-factor", factor,
+            "--low-freq-factor", "1.0", "--high-freq-factor", "4.0", "--original-max-position-embeddings", "64",
+            "--global-batch-size", "1", "--max-tokens-to-oom", "4096"]))
+    assert resolve_arch(source("32")).rope_scaling["factor"] == 32.0
+    with pytest.raises(UserError, match="rope scaling factor 8.0 on the command line, but --load .* has 32.0"):
+        resolve_arch(source("8"))
+
+
 def test_bad_generation_settings():
     with pytest.raises(UserError, match="--top-p=0"):
         GenerationConfig(top_p=0.0)

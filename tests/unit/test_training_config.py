@@ -186,6 +186,13 @@ def test_model_type_and_rope_scaling_flags_are_checked_against_the_model(tmp_pat
         resolve_arch(src, cfg_of(f"{BASE} --model-type-hf qwen3").model)
     with pytest.raises(UserError, match="rope scaling factor 16.0 on the command line, but --load .* has 8.0"):
         resolve_arch(src, cfg_of(f"{BASE} --rope-scaling-factor 16").model)
+    alias = cfg_of(f"{BASE} --original-max-position-embeddings 64").model.rope_scaling
+    assert alias == {"original_max_position_embeddings": 64}
+    with pytest.raises(UserError, match="--original-max-position-embeddings 64 and .* 32 disagree"):
+        cfg_of(f"{BASE} --original-max-position-embeddings 64 --rope-scaling-original-max-position-embeddings 32")
+    with pytest.raises(UserError, match="--rotary-percent 0.5: partial rotary embeddings are not supported"):
+        cfg_of(f"{BASE} --rotary-percent 0.5")
+    assert cfg_of(f"{BASE} --rotary-percent 1.0 --vocab-size 128256").model.rope_scaling == {}
     plain = inspect_load_dir(_hf_dir(tmp_path, "qwen3"))
     with pytest.raises(UserError, match="rope scaling rope_type 'llama3' on the command line, but .* has None"):
         resolve_arch(plain, cfg_of(f"{BASE} --rope-scaling-type llama3").model)
