@@ -249,6 +249,19 @@ class Accelerator:
     def reset_peak_memory_stats(self) -> None:
         self.module.reset_peak_memory_stats()
 
+    def use_deterministic_algorithms(self) -> dict[str, str]:
+        """Bitwise-repeatable runs (--deterministic-mode / MindSpeed-LLM's --npu-deterministic): torch's
+        deterministic kernels (a warning, not an error, where an op has none), plus the collective library's
+        deterministic reductions on NPU (HCCL_DETERMINISTIC) and cuBLAS's fixed workspace and NCCL's ring
+        algorithm on GPU. Call before the process group exists: HCCL and NCCL read these when they start.
+        Returns the environment variables it set."""
+        env = {"npu": {"HCCL_DETERMINISTIC": "true"},
+               "cuda": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring"}}.get(self.device_type, {})
+        for key, value in env.items():
+            os.environ[key] = value
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return env
+
 
 @functools.lru_cache(maxsize=None)
 def _accelerator(device_type: str) -> Accelerator:

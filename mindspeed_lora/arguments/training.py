@@ -165,6 +165,11 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true", help="resume without restoring RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (no optimizer, scheduler or data position)")
+    g.add_argument("--deterministic-mode", "--npu-deterministic", "--use-deter-comp", action="store_true",
+                   dest="deterministic_mode",
+                   help="bitwise-repeatable runs: deterministic kernels, and deterministic collectives "
+                        "(HCCL_DETERMINISTIC on NPU; a fixed cuBLAS workspace and NCCL's ring algorithm on GPU); "
+                        "Megatron-LM's name, MindSpeed-LLM's two names")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on --exit-signal (a scheduler's warning before preemption or its time limit), finish the "
                         "iteration, save a checkpoint (with --save) and exit 0; all ranks stop at the same iteration")

@@ -239,6 +239,8 @@ class TrainingConfig:
     """The parsed flags as plain data, stored in checkpoints."""
     notes: list[str] = field(default_factory=list)
     """Startup notes: MindSpeed-LLM flags given that take no effect here."""
+    deterministic: bool = False
+    """--deterministic-mode: deterministic kernels and collectives (Accelerator.use_deterministic_algorithms)."""
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -401,5 +403,5 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         model=model, parallel=parallel, data=data, batch=batch, optim=optim, checkpoint=checkpoint,
         logging=logging, seed=args.seed, lora=_lora_config(args), lora_fusion=args.lora_fusion,
         spec_hooks=_fused_spec_hooks(args), fused_cross_entropy=_fused_cross_entropy(args), args=plain_args(args),
-        notes=notes,
+        notes=notes, deterministic=args.deterministic_mode,
     )

@@ -115,6 +115,8 @@ class SFTTrainer:
                 raise UserError(f"--load {cfg.model.load}: a LoRA adapter checkpoint; give the base model to --load "
                                 "and the adapter to --lora-load (with the same --lora-* settings)")
             model_setup.check_layout(self.source, self.arch, par)
+        if cfg.deterministic:  # before the process group: the collective libraries read the environment then
+            get_accelerator().use_deterministic_algorithms()
         self.rank = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
                                verbose_patches=True)
         self.microbatches = cfg.batch.microbatches(self.rank.dp_size)

@@ -224,6 +224,20 @@ def check_planned_exits_save_and_resume_exactly(tmp):
     assert (result.iteration, result.exit_reason) == (1, "--exit-duration-in-mins 1e-09 reached")
 
 
+def check_deterministic_mode_turns_on_before_training(tmp):
+    """--npu-deterministic (MindSpeed-LLM's name of --deterministic-mode): torch's deterministic kernels are on
+    during the run, and the run trains as it does without the flag."""
+    p = inputs(root_of(tmp))
+    seen = []
+    try:
+        _, on = train(base_argv(p, iters=2, extra=["--npu-deterministic"]),
+                      lambda trainer: seen.append(torch.are_deterministic_algorithms_enabled()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    _, off = train(base_argv(p, iters=2))
+    assert seen == [True] and on.losses == off.losses, (seen, on.losses, off.losses)
+
+
 def check_resume_is_bitwise_with_distributed_optimizer(tmp):
     _resume_bitwise(tmp, ["--use-distributed-optimizer"])
 

@@ -25,6 +25,38 @@ def test_auto_detection_without_accelerators(monkeypatch):
     assert detect_device_type() == expected
 
 
+@pytest.mark.parametrize("device, env", [
+    ("npu", {"HCCL_DETERMINISTIC": "true"}),
+    ("cuda", {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring"}),
+    ("cpu", {}),
+])
+def test_deterministic_mode_sets_torch_and_the_collectives(monkeypatch, device, env):
+    for key in ("HCCL_DETERMINISTIC", "CUBLAS_WORKSPACE_CONFIG", "NCCL_ALGO"):
+        monkeypatch.delenv(key, raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        assert Accelerator(device).use_deterministic_algorithms() == env
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+
+        assert {k: os.environ.get(k) for k in env} == env
+        assert all(k not in os.environ for k in {"HCCL_DETERMINISTIC", "NCCL_ALGO"} - set(env))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_flags():
+    import shlex
+
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.training.config import training_config_from_args
+
+    base = "--data-path /d --load /m --seq-length 64 --global-batch-size 4 --train-iters 3 --lr 1e-4"
+    for flag in ("", "--deterministic-mode", "--npu-deterministic", "--use-deter-comp"):
+        cfg = training_config_from_args(parse_args("posttrain_gpt", shlex.split(f"{base} {flag}")))
+        assert cfg.deterministic == bool(flag)
+
+
 def test_cpu_accelerator_rng_and_memory():
     acc = Accelerator("cpu")
     acc.manual_seed(5)
