@@ -7,7 +7,7 @@ import importlib.util
 from mindspeed_lora.arguments.common import add_lora_args, add_parallel_args, add_prompt_args, add_tokenizer_args
 
 INFERENCE_TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
-EVAL_TASKS = ("mmlu", "cmmlu", "ceval")
+EVAL_TASKS = ("mmlu", "cmmlu", "ceval", "boolq")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -84,13 +84,16 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--task", nargs="+", required=True, choices=EVAL_TASKS, help="exams to run")
     g.add_argument("--task-data-path", nargs="+", required=True,
-                   help="one directory per --task in the MMLU CSV layout (root with dev/ and test/ or val/, "
-                        "or the scored split's directory itself)")
+                   help="one per --task: for mmlu/cmmlu/ceval a directory in the MMLU CSV layout (root with dev/ "
+                        "and test/ or val/, or the scored split's directory itself); for boolq a .jsonl file or a "
+                        "directory of them (question, passage, answer)")
     g.add_argument("--eval-split", default=None, choices=["dev", "val", "test"],
                    help="scored split (default: test for mmlu/cmmlu, val for ceval)")
-    g.add_argument("--num-shots", type=int, default=5, help="examples from the dev split before each question")
+    g.add_argument("--num-shots", type=int, default=5,
+                   help="examples from the dev split before each question (boolq is zero-shot)")
     g.add_argument("--eval-method", default="logits", choices=["logits", "generate"],
-                   help="logits: the most likely answer letter; generate: greedy text, first letter A-D")
+                   help="logits: the most likely answer (letter, or yes/no); generate: greedy text, its first "
+                        "letter A-D (or yes/no)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="score the first N questions per subject")
     g.add_argument("--evaluation-batch-size", type=int, default=None,
                    help="questions scored together (default: --micro-batch-size)")

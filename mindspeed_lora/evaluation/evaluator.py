@@ -1,9 +1,11 @@
-"""Score a model on an MMLU-layout exam: by the logits of the answer letters (default) or by generating and
-reading the first letter A-D; questions split across data-parallel ranks; per-subject and overall accuracy.
+"""Score a model on an MMLU-layout exam or BoolQ: by the logits of the answers (default) or by generating and
+reading the first answer (a letter A-D; yes / no); questions split across data-parallel ranks; per-subject and
+overall accuracy.
 
-Logit scoring: the four continuations (" A".." D" after ``Answer:``, "A".."D" in Chinese or chat prompts) are
-tokenized on their own; their common leading tokens are appended to the prompt and the candidates are the four
-distinct next tokens. The prediction is the candidate with the largest logit at the prompt's last position.
+Logit scoring: the answers' continuations (" A".." D" after ``Answer:``, "A".."D" in Chinese or chat prompts;
+" yes" / " no") are tokenized on their own; their common leading tokens are appended to the prompt and the
+candidates are the distinct next tokens. The prediction is the candidate with the largest logit at the
+prompt's last position.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from mindspeed_lora.checkpoint.megatron_io import atomic_write_text
 from mindspeed_lora.errors import UserError
+from mindspeed_lora.evaluation import boolq
 from mindspeed_lora.evaluation.mmlu import (
     DEFAULT_LANGUAGE,
     LETTERS,
@@ -28,7 +31,8 @@ from mindspeed_lora.evaluation.mmlu import (
 )
 from mindspeed_lora.inference.prompting import ChatFormat, RawFormat
 
-TASKS = ("mmlu", "cmmlu", "ceval")
+TASKS = ("mmlu", "cmmlu", "ceval", "boolq")
+ANSWERS = {"mmlu": LETTERS, "cmmlu": LETTERS, "ceval": LETTERS, "boolq": boolq.ANSWERS}
 METHODS = ("logits", "generate")
 _LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
 
@@ -63,7 +67,9 @@ class EvalConfig:
             raise UserError(f"--max-eval-samples={self.max_eval_samples}: expected a positive number")
         if self.batch_size < 1:
             raise UserError(f"--evaluation-batch-size={self.batch_size}: expected a positive number")
-        self.language = self.language or DEFAULT_LANGUAGE[self.task]
+        if self.task == "boolq":
+            self.shots = 0  # zero-shot, as BoolQ is usually reported
+        self.language = self.language or DEFAULT_LANGUAGE.get(self.task, "en")
         if self.language not in STYLES:
             raise UserError(f"--eval-language {self.language!r}: expected one of {sorted(STYLES)}")
 
@@ -74,19 +80,19 @@ class Prediction:
     index: int
     answer: str
     prediction: str
-    """"A".."D", or "" when generation produced no letter."""
+    """"A".."D" (or "yes" / "no"), or "" when generation produced no answer."""
     truncated: bool = False
     """The prompt was longer than the model allows and lost its oldest tokens."""
 
 
-def letter_candidates(tokenizer, answer_prefix: str) -> tuple[list[int], list[int]]:
-    """(tokens to append to every prompt, the four candidate token ids) for continuations prefix+A..D."""
-    seqs = [tokenizer(answer_prefix + letter, add_special_tokens=False)["input_ids"] for letter in LETTERS]
+def letter_candidates(tokenizer, answer_prefix: str, answers: tuple[str, ...] = LETTERS) -> tuple[list[int], list[int]]:
+    """(tokens to append to every prompt, one candidate token id per answer) for continuations prefix+answer."""
+    seqs = [tokenizer(answer_prefix + a, add_special_tokens=False)["input_ids"] for a in answers]
     common = 0
     while all(len(s) > common for s in seqs) and len({s[common] for s in seqs}) == 1:
         common += 1
-    if any(len(s) <= common for s in seqs) or len({s[common] for s in seqs}) != len(LETTERS):
-        raise UserError(f"the tokenizer does not give the answer letters {LETTERS} distinct tokens after "
+    if any(len(s) <= common for s in seqs) or len({s[common] for s in seqs}) != len(answers):
+        raise UserError(f"the tokenizer does not give the answers {answers} distinct tokens after "
                         f"{answer_prefix!r} ({seqs}); use --eval-method generate")
     return list(seqs[0][:common]), [s[common] for s in seqs]
 
@@ -112,16 +118,19 @@ class ExamScorer:
         # A chat template puts the answer at the start of the assistant turn: no separating space.
         self.style = PromptStyle(base.header, base.cue, "" if chat else base.answer_prefix)
         self.generation = generation
+        self.answers = ANSWERS[cfg.task]
         if cfg.method == "logits":
-            self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix)
+            self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix, self.answers)
 
     def limit(self) -> int:
         """Most prompt tokens: the model's positions, less the generated tokens when scoring by generation."""
         return self.engine.max_positions - (self.cfg.max_new_tokens if self.cfg.method == "generate" else 0)
 
-    def prompt_ids(self, q: Question, examples: list[Question]) -> tuple[list[int], bool]:
+    def prompt_ids(self, q, examples: list[Question]) -> tuple[list[int], bool]:
         """The prompt's tokens, and whether an over-long few-shot context lost its oldest tokens."""
-        ids = self.fmt.encode([{"role": "user", "content": build_prompt(q, examples, self.style)}])
+        text = boolq.boolq_prompt(q, self.style.cue) if self.cfg.task == "boolq" else \
+            build_prompt(q, examples, self.style)
+        ids = self.fmt.encode([{"role": "user", "content": text}])
         if self.cfg.method == "logits":
             ids = ids + self.suffix
         limit = self.limit()
@@ -135,11 +144,12 @@ class ExamScorer:
             ids, valid = left_pad(prompts, self.tokenizer.pad_token_id or 0)
             logits = self.engine.logits(ids, valid, last_only=True)[:, -1]
             picks = logits[:, self.candidates].argmax(dim=-1).tolist()
-            return [LETTERS[i] for i in picks]
+            return [self.answers[i] for i in picks]
         from mindspeed_lora.inference.generation import generate
 
+        parse = boolq.parse_yes_no if self.cfg.task == "boolq" else parse_letter
         outs = generate(self.engine, prompts, self.generation)
-        return [parse_letter(self.tokenizer.decode(o.content_tokens, skip_special_tokens=True)) for o in outs]
+        return [parse(self.tokenizer.decode(o.content_tokens, skip_special_tokens=True)) for o in outs]
 
 
 def evaluate(scorer: ExamScorer, dp_rank: int = 0, dp_size: int = 1, dp_group=None,
@@ -148,10 +158,12 @@ def evaluate(scorer: ExamScorer, dp_rank: int = 0, dp_size: int = 1, dp_group=No
     from tqdm import tqdm
 
     cfg = scorer.cfg
-    exam = resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
-    scored, fewshot = load_exam(exam, cfg.shots)
+    if cfg.task == "boolq":
+        scored, fewshot = {boolq.SUBJECT: boolq.load_boolq(cfg.data_path)}, {boolq.SUBJECT: []}
+    else:
+        scored, fewshot = load_exam(resolve_exam_dir(cfg.data_path, cfg.task, cfg.split), cfg.shots)
     items = []
-    for subject in exam.subjects:
+    for subject in sorted(scored):
         questions = scored[subject][: cfg.max_eval_samples] if cfg.max_eval_samples else scored[subject]
         items += [(q, fewshot[subject]) for q in questions]
     mine = items[dp_rank::dp_size]

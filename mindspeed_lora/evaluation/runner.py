@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, format_table, summarize, write_results
@@ -24,7 +25,6 @@ def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
 def run(args: argparse.Namespace) -> list[dict]:
     from megatron.core import parallel_state as ps
 
-    from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
     from mindspeed_lora.inference.model import (
         build_inference_engine,
         checkpoint_kind,
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     configs = eval_configs(args)
     source = model_source_from_args(args)
     checkpoint_kind(args.load)
-    for cfg in configs:  # bad data directories fail before the model is built
-        resolve_exam_dir(cfg.data_path, cfg.task, cfg.split)
+    for cfg in configs:  # bad data fails before the model is built
+        scorer_split(cfg)
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
     tokenizer = load_tokenizer(tok_dir, use_fast=not args.tokenizer_not_use_fast)
     fmt = RawFormat(tokenizer) if args.no_chat_template else chat_format(
@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def scorer_split(cfg: EvalConfig) -> str:
+    """The scored split's name (BoolQ: its files' names); checks the data's layout."""
+    from mindspeed_lora.evaluation.boolq import boolq_files
     from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
 
+    if cfg.task == "boolq":
+        return "+".join(os.path.splitext(os.path.basename(f))[0] for f in boolq_files(cfg.data_path))
     return resolve_exam_dir(cfg.data_path, cfg.task, cfg.split).split
 
 

@@ -12,6 +12,7 @@ from mindspeed_lora.inference.chat import ChatSession, interactive
 from mindspeed_lora.inference.generation import Generated, GenerationConfig, generate, sampling_generator
 from mindspeed_lora.inference.prompting import ChatFormat, StopTokens, chat_format, stop_tokens
 from mindspeed_lora.inference.streaming import TextStreamer
+from mindspeed_lora.jsonl import iter_json_objects
 
 DEFAULT_PROMPT = "how are you?"
 
@@ -72,19 +73,7 @@ def read_requests(args: argparse.Namespace) -> list[Request]:
         path = args.input_file
         if not os.path.isfile(path):
             raise UserError(f"--input-file {path}: no such file")
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict):
-                    raise UserError(f"{where}: expected a JSON object")
-                out.append(Request(_messages(record, where), record))
+        out = [Request(_messages(record, where), record) for where, record in iter_json_objects(path)]
         if not out:
             raise UserError(f"--input-file {path}: no prompts")
         return out

@@ -5,6 +5,7 @@ HF transformers on it one question at a time, and picks the letter whose continu
 Chinese) has the highest total log-probability; accuracy is tallied here per subject.
 """
 import csv
+import json
 import os
 import random
 import re
@@ -226,3 +227,89 @@ def test_bad_config_values():
         EvalConfig(task="gsm8k", data_path=".")
     with pytest.raises(UserError, match="--max-eval-samples=0"):
         EvalConfig(task="mmlu", data_path=".", max_eval_samples=0)
+
+
+# --------------------------------------------------------------------------------------------- BoolQ
+
+def make_boolq(root, n=16, seed=0):
+    """Two .jsonl files: BoolQ's keys (answer true/false) and SuperGLUE's (label 1/0, question ending in ?)."""
+    r = random.Random(seed)
+    os.makedirs(root, exist_ok=True)
+    for name, superglue in (("dev", False), ("val", True)):
+        with open(os.path.join(root, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            for _ in range(n // 2):
+                yes = r.random() < 0.5
+                q = _text(r, 5) + ("?" if superglue else "")
+                obj = {"question": q, "passage": _text(r, 12), **({"label": int(yes)} if superglue else
+                                                                  {"answer": yes})}
+                f.write(json.dumps(obj) + "\n")
+    return root
+
+
+def independent_boolq(hf, tok, root, chat_prefix=" "):
+    """Per question: the first tokens where " yes" and " no" differ, compared after prompt + common tokens."""
+    yes, no = (tok(chat_prefix + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no"))
+    common = next(i for i, (a, b) in enumerate(zip(yes, no)) if a != b)
+    picks, answers = [], []
+    for name in sorted(f for f in os.listdir(root) if f.endswith(".jsonl")):
+        for line in open(os.path.join(root, name), encoding="utf-8"):
+            obj = json.loads(line)
+            q = obj["question"] if obj["question"].endswith("?") else obj["question"] + "?"
+            text = f"{obj['passage']}\nQuestion: {q}\nAnswer:"
+            ids = tok(text, add_special_tokens=False)["input_ids"] + yes[:common]
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids])).logits[0, -1]
+            picks.append("yes" if logits[yes[common]] > logits[no[common]] else "no")
+            answers.append("yes" if obj.get("answer", obj.get("label")) in (True, 1) else "no")
+    return picks, answers
+
+
+def test_boolq_logit_scoring_equals_independent_hf_scorer(model, tmp_path):
+    hf, tok, engine = model
+    root = make_boolq(str(tmp_path / "boolq"))
+    cfg = EvalConfig(task="boolq", data_path=root, batch_size=3)
+    preds = evaluate(ExamScorer(engine, tok, cfg))
+    picks, answers = independent_boolq(hf, tok, root)
+    assert [p.prediction for p in preds] == picks and [p.answer for p in preds] == answers
+    assert len(set(picks)) == 2, "one answer for every question: a weak comparison"
+    summary = summarize(preds, cfg, "dev+val")
+    assert summary["overall"]["correct"] == sum(a == b for a, b in zip(picks, answers))
+    assert summary["shots"] == 0 and list(summary["subjects"]) == ["boolq"]
+    one_file = evaluate(ExamScorer(engine, tok, EvalConfig(task="boolq", data_path=os.path.join(root, "val.jsonl"),
+                                                           max_eval_samples=3)))
+    assert [p.prediction for p in one_file] == picks[8:11]
+
+
+def test_boolq_generation_scoring_equals_hf_greedy(model, tmp_path):
+    hf, tok, engine = model
+    root = make_boolq(str(tmp_path / "boolq"), n=4, seed=3)
+    gen = GenerationConfig(max_new_tokens=5, stop_token_ids=(tok.eos_token_id,))
+    preds = evaluate(ExamScorer(engine, tok, EvalConfig(task="boolq", data_path=root, method="generate",
+                                                        max_new_tokens=5), generation=gen))
+    lines = [json.loads(x) for f in ("dev.jsonl", "val.jsonl") for x in open(os.path.join(root, f))]
+    for p, obj in zip(preds, lines):
+        q = obj["question"] if obj["question"].endswith("?") else obj["question"] + "?"
+        ids = tok(f"{obj['passage']}\nQuestion: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+                              pad_token_id=0)
+        m = re.search(r"\b(yes|no)\b", tok.decode(out[0, len(ids):], skip_special_tokens=True), re.IGNORECASE)
+        assert p.prediction == (m.group(1).lower() if m else "")
+
+
+def test_boolq_bad_data_names_file_and_line(tmp_path):
+    from mindspeed_lora.evaluation.boolq import load_boolq, parse_yes_no
+
+    with pytest.raises(UserError, match="no .jsonl files"):
+        load_boolq(str(tmp_path))
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text('{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "answer": true}\n')
+    with pytest.raises(UserError, match=r"dev.jsonl:2: expected an object with question, passage and answer"):
+        load_boolq(str(tmp_path))
+    bad.write_text('{"question": "q", "passage": "p", "answer": "maybe"}\n')
+    with pytest.raises(UserError, match=r"dev.jsonl:1: answer 'maybe'; expected true or false"):
+        load_boolq(str(tmp_path))
+    bad.write_text('{"question": "q", "passage": "p", "answer": true}\nnot json\n')
+    with pytest.raises(UserError, match=r"dev.jsonl:2: not valid JSON"):
+        load_boolq(str(tmp_path))
+    assert [parse_yes_no(t) for t in (" Yes, it is", "no.", "maybe", "yesterday no")] == ["yes", "no", "", "no"]
