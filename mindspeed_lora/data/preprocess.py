@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -184,6 +185,15 @@ def _chunks(records):
         yield locations, payloads
 
 
+def _result(job, locations) -> ChunkResult:
+    try:
+        return job.result()
+    except BrokenProcessPool:
+        raise UserError(f"a --workers process died while the samples from {locations[0]} on were being encoded "
+                        "(killed from outside, e.g. for memory: see dmesg); nothing was written; rerun with fewer "
+                        "--workers") from None
+
+
 def encoded_chunks(state: EncoderState, records, workers: int):
     """(locations, ChunkResult) per chunk, in input order; a bounded number of chunks in flight."""
     if workers == 1:
@@ -214,10 +224,10 @@ def encoded_chunks(state: EncoderState, records, workers: int):
             pending.append((locations, pool.submit(_encode_in_worker, payloads)))
             if len(pending) >= 2 * workers + 2:
                 locations, job = pending.popleft()
-                yield locations, job.result()
+                yield locations, _result(job, locations)
         while pending:
             locations, job = pending.popleft()
-            yield locations, job.result()
+            yield locations, _result(job, locations)
     finally:  # on an error or Ctrl-C: drop the queued chunks, let the few running ones finish, workers exit
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 
 import pytest
@@ -186,3 +187,39 @@ def test_leftover_staging_directory_is_reported(tmp_path, tok_dir, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'out' / '.ds.tmp-99999-deadbeef'} is left over from an interrupted run" in err
     assert os.path.exists(tmp_path / "out" / "ds_packed_labels_document.idx")
+
+
+class WorkerKillingHandler:
+    """Wraps a handler; in a worker process, the sample 'die' ends the process as the OOM killer would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner":  # while unpickling, before __dict__ is set
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def convert(self, sample):
+        if sample.get("instruction") == "die" and multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return self.inner.convert(sample)
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for(tmp_path, tok_dir):
+    import dataclasses
+
+    from mindspeed_lora.data import readers
+    from mindspeed_lora.data.preprocess import build_encoder_state, encoded_chunks
+
+    src = write_lines(tmp_path / "data.jsonl", [line(GOOD)] * 700 + [line({**GOOD, "instruction": "die"})])
+    cfg = PreprocessConfig(input=src, output_prefix=str(tmp_path / "out" / "ds"),
+                           handler_name="AlpacaStyleInstructionHandler", tokenizer_name_or_path=tok_dir,
+                           prompt_type="chatml", progress=False)
+    state = build_encoder_state(cfg)
+    state = dataclasses.replace(state, handler=WorkerKillingHandler(state.handler))
+    records = readers.iter_records(readers.parse_inputs(src), 1234, None, lambda path: None)
+    with pytest.raises(UserError, match=r"a --workers process died while the samples from .*data.jsonl:(1|513) "
+                                        r"\(sample (1|513)\) on were being encoded.*rerun with fewer --workers"):
+        for _ in encoded_chunks(state, records, workers=2):
+            pass
