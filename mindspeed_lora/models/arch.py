@@ -103,16 +103,61 @@ class ModelArch:
             rope_scaling=rope_scaling,
         )
 
+    @property
+    def rope_kind(self) -> str:
+        rs = self.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type")) or "default"
+
+    def _yarn_factor(self) -> tuple[float, float]:
+        """(YaRN's frequency scale s, the pretraining context length L it stretches)."""
+        rs = self.rope_scaling
+        original = rs.get("original_max_position_embeddings") or self.max_position_embeddings
+        factor = rs.get("factor")
+        return (factor if factor is not None else self.max_position_embeddings / original), original
+
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by: 1, or YaRN's 'attention factor' (its config's, else
+        0.1 ln s + 1, as a ratio of two such terms when mscale and mscale_all_dim are given)."""
+        if self.rope_kind != "yarn":
+            return 1.0
+        rs = self.rope_scaling
+        if rs.get("attention_factor") is not None:
+            return float(rs["attention_factor"])
+        s, _ = self._yarn_factor()
+
+        def term(m: float) -> float:
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            return term(rs["mscale"]) / term(rs["mscale_all_dim"])
+        return term(1.0)
+
     def rope_inv_freq(self) -> torch.Tensor:
-        """Rotary inverse frequencies with HF semantics (default, linear, llama3), in fp32, on the CPU."""
+        """Rotary inverse frequencies with HF semantics (default, linear, llama3, yarn), in fp32, on the CPU."""
         dim = self.kv_channels
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         rs = self.rope_scaling
         if not rs:
             return inv
-        kind = rs.get("rope_type", rs.get("type"))
+        kind = self.rope_kind
         if kind == "linear":
             return inv / rs["factor"]
+        if kind == "yarn":
+            # dimension i keeps its frequency where a wavelength fits many times into the pretraining
+            # context (fast rotations, > beta_fast turns), is divided by s where it fits few times (< beta_slow
+            # turns), and is blended linearly between those two dimension indices
+            s, original = self._yarn_factor()
+
+            def dim_for_turns(turns: float) -> float:
+                return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+            lo = dim_for_turns(rs.get("beta_fast") or 32)
+            hi = dim_for_turns(rs.get("beta_slow") or 1)
+            if rs.get("truncate", True):
+                lo, hi = math.floor(lo), math.ceil(hi)
+            lo, hi = max(lo, 0), min(hi, dim - 1)
+            if lo == hi:
+                hi += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+            return inv / s * ramp + inv * (1 - ramp)
         if kind == "llama3":
             factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
             old_len = rs["original_max_position_embeddings"]
@@ -123,7 +168,7 @@ class ModelArch:
             smoothed = (1 - smooth) * scaled / factor + smooth * scaled
             medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
             return torch.where(medium, smoothed, scaled)
-        raise UserError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        raise UserError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
 
     def check_tensor_parallel(self, tp: int, source: str = "--tensor-model-parallel-size") -> None:
         """Refuse a TP size that does not divide the sharded dimensions."""

@@ -5,6 +5,7 @@ that spec (``spec_hooks``), never by patching module methods.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -172,6 +173,7 @@ def build_gpt_model(
 
     options = options or ModelOptions()
     config = config or build_transformer_config(arch, parallel, options)
+    set_rope_attention_factor(config, arch.rope_attention_factor())  # before the spec: fused rope steps aside
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -196,3 +198,16 @@ def build_gpt_model(
     if hasattr(model, "rotary_pos_emb"):
         model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
     return model
+
+
+def set_rope_attention_factor(config, factor: float) -> None:
+    """Make megatron's attention multiply cos and sin by ``factor`` (YaRN).
+
+    megatron-core applies YaRN's factor where the config has ``yarn_rotary_scaling_factor``, as
+    0.1·m·ln(s) + 1 over 0.1·m_all·ln(s) + 1 from ``yarn_mscale`` (m) and ``yarn_mscale_all_dim`` (m_all); with
+    s = e and m_all = 0 that is 0.1·m + 1, so m = 10·(factor - 1) gives any factor exactly."""
+    if factor == 1.0:
+        return
+    config.yarn_rotary_scaling_factor = math.e
+    config.yarn_mscale = 10.0 * (factor - 1.0)
+    config.yarn_mscale_all_dim = 0.0

@@ -180,6 +180,8 @@ def unsupported_rope(config) -> str | None:
         return "megatron's own rope fusion is on"
     if config.context_parallel_size != 1:
         return "context parallelism"
+    if hasattr(config, "yarn_rotary_scaling_factor"):
+        return "YaRN's attention factor (megatron's rope applies it)"
     return None
 
 

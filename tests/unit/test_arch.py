@@ -34,6 +34,42 @@ def test_rope_inv_freq_matches_hf(family):
         assert not torch.allclose(ours, plain)
 
 
+@pytest.mark.parametrize("yarn", [
+    {"factor": 4.0, "original_max_position_embeddings": 16},
+    {"factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.3},
+    {"factor": 40.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.7},
+])
+def test_yarn_frequencies_and_attention_factor_match_hf(yarn):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = tiny.tiny_hf_config("qwen3", rope_scaling={"rope_type": "yarn", **yarn}, max_position_embeddings=64)
+    hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    arch = ModelArch.from_hf_config(cfg.to_dict())
+    assert arch.rope_kind == "yarn"
+    assert torch.allclose(arch.rope_inv_freq(), hf_inv.float(), rtol=1e-6, atol=0)
+    assert arch.rope_attention_factor() == pytest.approx(hf_factor, rel=1e-12)
+    assert hf_factor != 1.0
+
+
+def test_yarn_attention_factor_reaches_megatron_exactly():
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    from mindspeed_lora.models.builder import set_rope_attention_factor
+
+    class Config:
+        pass
+    for factor in (1.3, 1.1386294361119891, 0.9):
+        config = Config()
+        set_rope_attention_factor(config, factor)
+        assert _yarn_get_concentration_factor_from_config(config) == pytest.approx(factor, rel=1e-12)
+    untouched = Config()
+    set_rope_attention_factor(untouched, 1.0)
+    assert not hasattr(untouched, "yarn_rotary_scaling_factor")
+
+
 def test_unknown_model_type_and_missing_keys():
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
         ModelArch.from_hf_config({"model_type": "gpt2"})

@@ -62,6 +62,16 @@ def test_precision_passes_on_good_conversions(models, tmp_path):
         assert os.path.isdir(result.save_dir)
 
 
+def test_yarn_model_converts_and_trains_side_logits_equal_hf(world, tmp_path):
+    """A Qwen3 with YaRN (context 16 stretched x4) through megatron-core's own attention (the training model):
+    the precision test's 64-token probe reaches 4x past the original context."""
+    hf_dir = str(tmp_path / "hf")
+    tiny_hf("qwen3", hf_dir, seed=6, lively=True, max_position_embeddings=128,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    report = run(hf_dir, tmp_path / "mg", "hf", "mg", target_tp=2, test_precision=True).precision
+    assert report.mean_diff < 1e-5 and report.argmax_mismatches == 0, report.line()
+
+
 def test_precision_of_a_peft_adapter_export(models, tmp_path, monkeypatch):
     """--save-lora-to-hf --test-convert-precision: peft over the HF base with the written adapter vs megatron-core
     with the adapter; a B whose rows are exported in the wrong order fails it and publishes nothing."""

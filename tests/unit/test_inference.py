@@ -85,6 +85,23 @@ def test_greedy_tokens_equal_hf_generate(world, tmp_path_factory, family):
     assert _ours(engine, prompts[:1]) == _hf_generate(hf, prompts[:1], do_sample=False)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_yarn_model_logits_and_greedy_tokens_equal_hf(world, tmp_path_factory, family):
+    """YaRN (frequencies blended by dimension, cos/sin scaled by its attention factor) on 48 positions, three
+    times the 'pretraining' context of 16: logits of every position and greedy tokens equal HF's."""
+    path = str(tmp_path_factory.mktemp(f"yarn_{family}"))
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    hf = build_lively_model(family, path, rope_scaling=yarn, max_position_embeddings=128)
+    engine, _ = build_inference_engine(ModelSource(load=path), tp_rank=0)
+    ids = torch.tensor(_prompts((48,), seed=4))
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+    got = engine.logits(ids)
+    assert torch.allclose(got, want, atol=2e-4, rtol=0), (got - want).abs().max()
+    prompts = _prompts((20, 9), seed=5)
+    assert _ours(engine, prompts) == _hf_generate(hf, prompts, do_sample=False)
+
+
 def test_kv_cache_on_and_off_give_identical_tokens(qwen3):
     _, engine = qwen3
     prompts = _prompts(seed=1)
