@@ -136,10 +136,14 @@ class OptimSetup:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    lora_b_lr_ratio: float | None = None
+    """LoRA+ (--loraplus-lr-ratio): the B matrices' learning rates are this multiple of the schedule's."""
 
     def __post_init__(self):
         if self.lr is None or self.lr < 0:
             raise UserError(f"--lr {self.lr}: expected a non-negative learning rate")
+        if self.lora_b_lr_ratio is not None and not self.lora_b_lr_ratio > 0:
+            raise UserError(f"--loraplus-lr-ratio {self.lora_b_lr_ratio}: expected a positive number")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
@@ -275,6 +279,8 @@ def _check_compat(args: argparse.Namespace) -> None:
         raise UserError("--global-batch-size is required")
     if args.lora_fusion and not args.lora_target_modules:
         raise UserError("--lora-fusion needs LoRA (--lora-target-modules)")
+    if args.loraplus_lr_ratio is not None and not args.lora_target_modules:
+        raise UserError("--loraplus-lr-ratio needs LoRA (--lora-target-modules)")
     if args.lora_fusion and args.overlap_param_gather:
         raise UserError("--lora-fusion with --overlap-param-gather is not supported (untested together: CCLoRA "
                         "reads the adapter weights inside its fused matmuls); drop one of them")
@@ -382,7 +388,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         sgd_momentum=args.sgd_momentum, initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
+        overlap_param_gather=args.overlap_param_gather, lora_b_lr_ratio=args.loraplus_lr_ratio,
     )
     checkpoint = CheckpointSetup(
         save=args.save, save_interval=args.save_interval, save_optim=not args.no_save_optim,

@@ -109,7 +109,7 @@ def wrap_ddp(model, cfg: TrainingConfig):
 
 def build_optimizer(chunks: list, cfg: TrainingConfig, train_iters: int):
     """megatron's optimizer (distributed or not) and its learning-rate scheduler."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer, get_standard_config_overrides
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
@@ -122,7 +122,11 @@ def build_optimizer(chunks: list, cfg: TrainingConfig, train_iters: int):
         use_distributed_optimizer=o.use_distributed_optimizer,
         overlap_param_gather_with_optimizer_step=False,
     )
-    optimizer = get_megatron_optimizer(ocfg, chunks)
+    overrides = get_standard_config_overrides(ocfg)  # no decay on biases and norms, as without overrides
+    if o.lora_b_lr_ratio is not None:  # LoRA+: a schedule of its own for the B matrices, scaled
+        overrides[ParamKey(name="*.lora_B.*")] = {"max_lr": o.lr * o.lora_b_lr_ratio,
+                                                  "min_lr": o.min_lr * o.lora_b_lr_ratio}
+    optimizer = get_megatron_optimizer(ocfg, chunks, config_overrides=overrides)
     warmup, decay = o.schedule(train_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,

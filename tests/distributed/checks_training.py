@@ -324,6 +324,28 @@ def lora_argv(p: dict, extra: list[str] | None = None, iters: int = ITERS) -> li
     return fx.train_argv(p["qwen3"], p["toy"], iters=iters, gbs=4, mbs=1, seq=32, lr=1e-2, extra=LORA + (extra or []))
 
 
+def check_loraplus_ratio_scales_the_b_updates(tmp):
+    """--loraplus-lr-ratio 4 over one Adam step from B = 0: every B moves exactly 4x as far as without it (Adam's
+    step is linear in the learning rate) and every A the same; the logged learning rate stays --lr."""
+    p = inputs(root_of(tmp))
+
+    def adapters(argv):
+        trainer, result = train(argv)
+        return {n: prm.detach().clone() for n, prm in trainer.model.named_parameters() if ".lora_" in n}, result
+
+    plain, _ = adapters(lora_argv(p, iters=1))
+    plus, result = adapters(lora_argv(p, ["--loraplus-lr-ratio", "4"], iters=1))
+    assert abs(result.learning_rates[0][1] - 1e-2) < 1e-12, result.learning_rates
+    b = [n for n in plain if ".lora_B." in n]
+    assert b and len(b) * 2 == len(plain)
+    for n, w in plain.items():
+        if ".lora_B." in n:
+            assert w.abs().max() > 0, n
+            torch.testing.assert_close(plus[n], 4 * w, rtol=1e-6, atol=0, msg=n)
+        else:
+            assert torch.equal(plus[n], w), n
+
+
 def _lora_parity(tmp: str, extra: list[str]) -> None:
     root = root_of(tmp)
     _, result = train(lora_argv(inputs(root), extra))

@@ -80,6 +80,8 @@ def test_exit_flags():
     ("--save-interval 5", "--save-interval needs --save"),
     ("--manual-gc-interval 5", "--manual-gc-interval needs --manual-gc"),
     ("--exit-interval 0", "--exit-interval 0: expected a positive number"),
+    ("--loraplus-lr-ratio 16", "--loraplus-lr-ratio needs LoRA"),
+    ("--lora-target-modules all-linear --loraplus-lr-ratio 0", "--loraplus-lr-ratio 0.0: expected a positive"),
     ("--exit-duration-in-mins 0", "--exit-duration-in-mins 0.0: expected a positive number"),
     ("--manual-gc --manual-gc-interval -1", "--manual-gc-interval -1: expected 0 or a positive number"),
     ("--lora-load /x", "--lora-load needs --lora-target-modules"),
