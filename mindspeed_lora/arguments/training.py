@@ -134,6 +134,9 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam is AdamW (decoupled decay)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--neftune-noise-alpha", type=float, default=0.0,
+                   help="NEFTune: uniform noise of half-width alpha/sqrt(L*hidden) on the embeddings while training "
+                        "(LLaMA-Factory's neftune_noise_alpha; 5 is common); 0 is off")
     g.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: the adapters' B matrices learn at this multiple of --lr and --min-lr (LLaMA-Factory's "
                         "loraplus_lr_ratio; 16 is the paper's suggestion)")

@@ -53,6 +53,8 @@ class ModelSetup:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
+    neftune_noise_alpha: float = 0.0
+    """NEFTune: uniform noise on the embeddings while training (training.neftune); 0 is off."""
 
     def __post_init__(self):
         if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
@@ -61,6 +63,8 @@ class ModelSetup:
             raise UserError("--recompute-method split recomputes every layer; drop --recompute-num-layers")
         if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
             raise UserError(f"--recompute-num-layers {self.recompute_num_layers}: expected a positive number")
+        if self.neftune_noise_alpha < 0:
+            raise UserError(f"--neftune-noise-alpha {self.neftune_noise_alpha}: expected >= 0")
 
 
 @dataclass
@@ -352,6 +356,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
+        neftune_noise_alpha=args.neftune_noise_alpha,
     )
     parallel = ParallelOptions(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -17,7 +17,7 @@ from mindspeed_lora.checkpoint.sources import MegatronCheckpoint
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch, dtype_name
 from mindspeed_lora.models.builder import ModelOptions, ParallelOptions, build_gpt_model, layer_counts
-from mindspeed_lora.training import positions
+from mindspeed_lora.training import neftune, positions
 from mindspeed_lora.training.config import ModelSetup, TrainingConfig
 
 
@@ -78,6 +78,8 @@ def build_stage_model(arch: ModelArch, cfg: TrainingConfig, options: ModelOption
     model.config.variable_seq_lengths = not cfg.data.pad_to_seq_length
     model = model.to(get_accelerator().device())
     rope = positions.install(model)
+    neftune.install(model, cfg.model.neftune_noise_alpha, cfg.parallel.sequence_parallel,
+                    cfg.parallel.tensor_model_parallel_size)
     return model, rope
 
 

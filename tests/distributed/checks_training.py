@@ -346,6 +346,40 @@ def check_loraplus_ratio_scales_the_b_updates(tmp):
             assert torch.equal(plus[n], w), n
 
 
+def check_neftune_noise_under_sequence_parallel(tmp):
+    """--neftune-noise-alpha 5 at TP=2 with sequence parallelism: the embedding's output (each rank's half of
+    the positions) gets noise within alpha / sqrt(L * hidden) for the whole row's L, independent between the
+    two halves, none in eval mode; LoRA training runs with it and its first loss differs from the run
+    without."""
+    p = inputs(root_of(tmp))
+    extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    trainer, noisy = train(lora_argv(p, extra + ["--neftune-noise-alpha", "5"], iters=2))
+    _, plain = train(lora_argv(p, extra, iters=2))
+    assert noisy.losses[0][1] != plain.losses[0][1] and all(v == v for _, v in noisy.losses)
+    embedding = trainer.model.embedding
+    ids = torch.randint(0, 100, (2, 32))
+    pos = torch.arange(32).expand(2, 32)
+    embedding.eval()
+    with torch.no_grad():
+        clean = embedding(ids, pos)
+        assert torch.equal(embedding(ids, pos), clean)
+        embedding.train()
+        noise = embedding(ids, pos) - clean
+    hidden = clean.shape[-1]
+    assert clean.shape[0] == 16  # this rank's half of the 32 positions
+    width = 5 / (32 * hidden) ** 0.5
+    assert 0.9 * width < noise.abs().max() <= width * (1 + 1e-6)
+    halves = [torch.zeros_like(noise) for _ in range(2)]
+    dist.all_gather(halves, noise.contiguous(), group=_tp_group())
+    assert not torch.equal(halves[0], halves[1])
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
 def _lora_parity(tmp: str, extra: list[str]) -> None:
     root = root_of(tmp)
     _, result = train(lora_argv(inputs(root), extra))
