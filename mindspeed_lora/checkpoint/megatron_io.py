@@ -197,8 +197,8 @@ class ShardReader:
         except Exception as e:
             raise UserError(f"{path}: cannot load checkpoint shard (truncated or not a torch checkpoint?): {e}") from e
         if isinstance(state, dict) and "model" not in state and "model0" in state:
-            raise UserError(f"{path}: a checkpoint with virtual pipeline stages (model0, model1, ...); reshard it "
-                            "without --num-layers-per-virtual-pipeline-stage where it was written")
+            raise UserError(f"{path}: a checkpoint with virtual pipeline stages (model0, model1, ...), which this "
+                            "project does not read; convert it to HF with the tool that wrote it, then from HF")
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise UserError(f"{path}: expected a dict with a 'model' state dict")
         self._meta: dict[str, torch.Tensor] = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
