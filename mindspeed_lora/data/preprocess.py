@@ -9,8 +9,9 @@ the lengths alone, so the bytes do not depend on ``--workers``. Memory: at most 
 are in flight, and per written sample only its lengths are kept (4 bytes per key).
 
 Atomicity: everything is written into a hidden ``.{name}.tmp-*`` directory beside the outputs and renamed
-into place at the end (Ctrl-C and SIGTERM are held off during those renames); an interrupted or failed run
-removes that directory, and a killed one leaves only it, never a file under a final name.
+into place at the end (Ctrl-C and SIGTERM stop the job at the next chunk, never during those renames: see
+``Interrupts``); an interrupted or failed run removes that directory, and a killed one leaves only it, never a
+file under a final name.
 """
 from __future__ import annotations
 
@@ -265,23 +266,24 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     _note_leftovers(out_dir, os.path.basename(cfg.output_prefix))
     staging = os.path.join(out_dir, f".{os.path.basename(cfg.output_prefix)}.tmp-{os.getpid()}-"
                                     f"{uuid.uuid4().hex[:8]}")
-    previous_term = _sigterm_as_exit()
+    interrupts = Interrupts()
     try:
         os.makedirs(staging)
         staged = {k: os.path.join(staging, os.path.basename(p)) for k, p in final.items()}
         stats = Stats()
-        _write(cfg, state, sources, staged, stats)
+        _write(cfg, state, sources, staged, stats, interrupts)
         summary = _summary(cfg, sources, final, stats, time.time() - start)
         summary_path = f"{cfg.output_prefix}_summary.json"
         with open(os.path.join(staging, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         moves = [(staged[k] + ext, final[k] + ext) for ext in (".bin", ".idx") for k in keys]
         moves.append((os.path.join(staging, "summary.json"), summary_path))
-        _publish(moves)
+        interrupts.check()  # the last moment to stop: once renaming starts, all files appear
+        for src, dst in moves:
+            os.replace(src, dst)
     finally:
+        interrupts.close()
         shutil.rmtree(staging, ignore_errors=True)
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
     _print_summary(summary)
     return summary
 
@@ -294,7 +296,17 @@ def _note_leftovers(out_dir: str, base: str) -> None:
                   "(safe to delete if no other run writes this prefix)", file=sys.stderr)
 
 
-def _write(cfg, state, sources, staged, stats: Stats) -> None:
+def _interruptible(chunks, interrupts: Interrupts):
+    try:
+        for item in chunks:
+            interrupts.check()
+            yield item
+    except UserError:
+        interrupts.check()  # a Ctrl-C of the whole process group that killed a starting worker is a Ctrl-C
+        raise
+
+
+def _write(cfg, state, sources, staged, stats: Stats, interrupts: Interrupts) -> None:
     from tqdm import tqdm
 
     keys = state.handler.output_keys
@@ -314,7 +326,7 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
                dynamic_ncols=True)
     chunks = encoded_chunks(state, records, cfg.workers)
     try:
-        for locations, result in chunks:
+        for locations, result in _interruptible(chunks, interrupts):
             stats.read += result.n
             for i, kind, message in result.errors:
                 if not cfg.skip_bad_samples:
@@ -340,13 +352,13 @@ def _write(cfg, state, sources, staged, stats: Stats) -> None:
     if cfg.pack:  # the unpacked samples are only read back by the packer
         for w in unpacked.values():
             w.close()
-        _write_packs(cfg, state, staged, unpacked, stats)
+        _write_packs(cfg, state, staged, unpacked, stats, interrupts)
     else:
         for w in unpacked.values():
             w.finalize()
 
 
-def _write_packs(cfg, state, staged, unpacked, stats: Stats) -> None:
+def _write_packs(cfg, state, staged, unpacked, stats: Stats, interrupts: Interrupts) -> None:
     from tqdm import tqdm
 
     from mindspeed_lora.data.packing import PackWriter, greedy_knapsack
@@ -359,6 +371,7 @@ def _write_packs(cfg, state, staged, unpacked, stats: Stats) -> None:
     try:
         packs = greedy_knapsack(lengths, capacity)
         for indices in tqdm(packs, unit=" packs", desc="pack", disable=not cfg.progress, mininterval=0.5):
+            interrupts.check()
             pack = reader.pack(indices, cfg.seq_length, state.options.pad_id, cfg.neat_pack)
             for k, w in writers.items():
                 w.add(pack[k], np.array([cfg.seq_length], dtype=np.int32))
@@ -371,38 +384,38 @@ def _write_packs(cfg, state, staged, unpacked, stats: Stats) -> None:
     stats.tokens = stats.packs * cfg.seq_length
 
 
-def _publish(moves: list[tuple[str, str]]) -> None:
-    """Rename staged files to their final names with Ctrl-C / SIGTERM deferred until all are in place, so a
-    run ends with all files or none. (Handlers, not a signal mask: CPython runs handlers in the main thread
-    whichever thread the OS picked.)"""
-    import threading
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM during the job only set a flag; ``check`` stops the job at a chunk boundary.
 
-    deferred = []
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, lambda signum, frame: deferred.append(signum))
-               for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for src, dst in moves:
-            os.replace(src, dst)
-    finally:
-        for s, handler in old.items():
+    Python raises KeyboardInterrupt wherever the main thread happens to be, including inside a finalizer, where
+    it is printed and dropped (the run then carried on and finished); the process pool's own threads and locks
+    are also no place for it. So the handler records the signal and the job raises at the next ``check`` (one
+    chunk later at most): KeyboardInterrupt for SIGINT, SystemExit(128 + n) for SIGTERM; the staging directory
+    is removed on the way out. A signal that comes once the outputs are being renamed lets the renames finish:
+    a run ends with all of its files or none. (Handlers, not a signal mask: CPython runs handlers in the main
+    thread whichever thread the OS picked.)"""
+
+    def __init__(self):
+        import threading
+
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _note(self, signum, frame) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+    def close(self) -> None:
+        for s, handler in self._old.items():
             signal.signal(s, handler)
-    if deferred:
-        signal.raise_signal(deferred[0])
-
-
-def _sigterm_as_exit():
-    """SIGTERM unwinds like Ctrl-C (so the staging directory is removed); returns the old handler."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, handler)
+        self._old = {}
 
 
 def _summary(cfg, sources, final, stats: Stats, seconds: float) -> dict:
