@@ -37,7 +37,7 @@ def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") ->
         raise UserError(f"--model-type-hf {setup.family}: {where} is a {arch.family} model")
     if setup.rope_scaling:
         have = arch.rope_scaling or {}
-        kind = have.get("rope_type", have.get("type"))
+        kind = arch.rope_kind if have else None
         for key, want in setup.rope_scaling.items():
             got = kind if key == "rope_type" else have.get(key)
             if got != want:

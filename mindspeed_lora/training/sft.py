@@ -166,7 +166,7 @@ class SFTTrainer:
                 resume_path, resume_state, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank,
                 load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng)
             log_rank0(f"resuming from {resume_path} at iteration {self.iteration} "
-                 f"({self.consumed} samples consumed)")
+                      f"({self.consumed} samples consumed)")
         elif resume_path is not None:
             log_rank0(f"{resume_path} holds weights only: starting at iteration 0")
         self.tb = metrics.TensorBoardLog(cfg.logging.tensorboard_dir if dist.get_rank() == 0 else None)
@@ -174,8 +174,8 @@ class SFTTrainer:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         log_rank0(f"model {self.arch.family}: {self.arch.num_layers} layers, hidden {self.arch.hidden_size}; "
-             f"TP {self.rank.tp_size} PP {self.rank.pp_size} DP {self.rank.dp_size}; rank 0 trains "
-             f"{n_trainable:,} of {n_total:,} parameters ({'LoRA' if self.lora else 'full fine-tuning'})")
+                  f"TP {self.rank.tp_size} PP {self.rank.pp_size} DP {self.rank.dp_size}; rank 0 trains "
+                  f"{n_trainable:,} of {n_total:,} parameters ({'LoRA' if self.lora else 'full fine-tuning'})")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -196,7 +196,7 @@ class SFTTrainer:
                 eod = self._eod_id()
         elif has_ids:
             log_rank0("warning: attention_mask holds neat-pack segment ids but neither --neat-pack nor "
-                 "--reset-attention-mask is set: packed samples will attend to each other")
+                      "--reset-attention-mask is set: packed samples will attend to each other")
         multiple = 8
         if cfg.parallel.sequence_parallel:
             multiple = math.lcm(8, cfg.parallel.tensor_model_parallel_size)
@@ -211,8 +211,8 @@ class SFTTrainer:
         else:
             self.train_iters = max(1, int(b.train_epochs * len(self.train_order)) // b.global_batch_size)
         log_rank0(f"data {d.data_path}: {len(self.dataset)} samples, {len(self.train_order)} train, "
-             f"{len(self.valid_order)} valid; {self.train_iters} iterations of {b.global_batch_size} samples "
-             f"({self.train_iters * b.global_batch_size / len(self.train_order):.2f} epochs)")
+                  f"{len(self.valid_order)} valid; {self.train_iters} iterations of {b.global_batch_size} samples "
+                  f"({self.train_iters * b.global_batch_size / len(self.train_order):.2f} epochs)")
 
     def _eod_id(self) -> int:
         if not self.cfg.data.tokenizer:
