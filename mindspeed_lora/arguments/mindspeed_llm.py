@@ -91,6 +91,10 @@ ROPE_SCALING_FLAGS = {  # flag -> key of the HF config's rope_scaling
     "--low-freq-factor": "low_freq_factor",
     "--high-freq-factor": "high_freq_factor",
     "--rope-scaling-original-max-position-embeddings": "original_max_position_embeddings",
+    "--rope-scaling-beta-fast": "beta_fast",
+    "--rope-scaling-beta-slow": "beta_slow",
+    "--rope-scaling-mscale": "mscale",
+    "--rope-scaling-mscale-all-dim": "mscale_all_dim",
 }
 
 

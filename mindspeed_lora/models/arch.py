@@ -14,6 +14,9 @@ import torch
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.family import family_for_hf_config, get_family
 
+YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1}
+"""What HF's YaRN takes for the keys a rope_scaling dict leaves out (the turns bounding the blended dimensions)."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,6 +111,14 @@ class ModelArch:
         rs = self.rope_scaling or {}
         return rs.get("rope_type", rs.get("type")) or "default"
 
+    def rope_setting(self, key: str):
+        """A rope_scaling value as HF reads it: the config's, else HF's default for this rope type (YaRN's
+        beta_fast 32 and beta_slow 1), else None."""
+        got = (self.rope_scaling or {}).get(key)
+        if got is None and self.rope_kind == "yarn":
+            return YARN_DEFAULTS.get(key)
+        return got
+
     def _yarn_factor(self) -> tuple[float, float]:
         """(YaRN's frequency scale s, the pretraining context length L it stretches)."""
         rs = self.rope_scaling
@@ -149,8 +160,8 @@ class ModelArch:
 
             def dim_for_turns(turns: float) -> float:
                 return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(self.rope_theta))
-            lo = dim_for_turns(rs.get("beta_fast") or 32)
-            hi = dim_for_turns(rs.get("beta_slow") or 1)
+            lo = dim_for_turns(self.rope_setting("beta_fast"))
+            hi = dim_for_turns(self.rope_setting("beta_slow"))
             if rs.get("truncate", True):
                 lo, hi = math.floor(lo), math.ceil(hi)
             lo, hi = max(lo, 0), min(hi, dim - 1)

@@ -39,7 +39,7 @@ def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") ->
         have = arch.rope_scaling or {}
         kind = arch.rope_kind if have else None
         for key, want in setup.rope_scaling.items():
-            got = kind if key == "rope_type" else have.get(key)
+            got = kind if key == "rope_type" else arch.rope_setting(key)
             if got != want:
                 raise UserError(f"rope scaling {key} {want!r} on the command line, but {where} has {got!r} "
                                 f"(its rope_scaling: {arch.rope_scaling})")

@@ -198,6 +198,19 @@ def test_model_type_and_rope_scaling_flags_are_checked_against_the_model(tmp_pat
     plain = inspect_load_dir(_hf_dir(tmp_path, "qwen3"))
     with pytest.raises(UserError, match="rope scaling rope_type 'llama3' on the command line, but .* has None"):
         resolve_arch(plain, cfg_of(f"{BASE} --rope-scaling-type llama3").model)
+
+
+def test_yarn_tuning_flags_are_checked_with_hf_defaults(tmp_path):
+    """MindSpeed-LLM's YaRN scripts pass beta-fast 32 / beta-slow 1 (HF's defaults, absent from Qwen's config)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    src = inspect_load_dir(_hf_dir(tmp_path, "qwen3", rope_scaling=dict(yarn), max_position_embeddings=128))
+    ok = "--rope-scaling-type yarn --rope-scaling-factor 4 --rope-scaling-beta-fast 32 --rope-scaling-beta-slow 1"
+    assert resolve_arch(src, cfg_of(f"{BASE} {ok}").model).rope_scaling == yarn
+    with pytest.raises(UserError, match="rope scaling beta_fast 16.0 on the command line, but --load .* has 32"):
+        resolve_arch(src, cfg_of(f"{BASE} --rope-scaling-beta-fast 16").model)
+    # DeepSeek's mscale pair changes the attention factor (to 1 here): a config without them is refused
+    with pytest.raises(UserError, match="rope scaling mscale 1.0 on the command line, but --load .* has None"):
+        resolve_arch(src, cfg_of(f"{BASE} --rope-scaling-mscale 1 --rope-scaling-mscale-all-dim 1").model)
     with pytest.raises(UserError, match="--model-type-hf: unknown model type 'gpt9'"):
         cfg_of(f"{BASE} --model-type-hf gpt9")
 
