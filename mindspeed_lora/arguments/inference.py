@@ -7,7 +7,7 @@ import importlib.util
 from mindspeed_lora.arguments.common import add_lora_args, add_parallel_args, add_prompt_args, add_tokenizer_args
 
 INFERENCE_TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
-EVAL_TASKS = ("mmlu", "cmmlu", "ceval", "boolq")
+EVAL_TASKS = ("mmlu", "cmmlu", "ceval", "boolq", "gsm8k")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +45,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         add_fused_ops_args(parser)
 
 
-def _add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None,
+                         max_new_tokens_help: str = "tokens generated per prompt, at most") -> None:
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens generated per prompt, at most")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
     g.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=0.95, help="sampling: nucleus mass")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
@@ -80,25 +81,30 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
-    _add_generation_args(parser, max_new_tokens=8)
+    _add_generation_args(parser, max_new_tokens=None,
+                         max_new_tokens_help="tokens generated per question when scoring by generation, at most "
+                                             "(default: 8; 256 for gsm8k)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--task", nargs="+", required=True, choices=EVAL_TASKS, help="exams to run")
     g.add_argument("--task-data-path", nargs="+", required=True,
-                   help="one per --task: for mmlu/cmmlu/ceval a directory in the MMLU CSV layout (root with dev/ "
-                        "and test/ or val/, or the scored split's directory itself); for boolq a .jsonl file or a "
-                        "directory of them (question, passage, answer)")
+                   help="one per --task: for mmlu/cmmlu/ceval a directory of per-subject CSVs (root with dev/ and "
+                        "test/ or val/, or the scored split's directory itself); for boolq a .jsonl file or a "
+                        "directory of them (question, passage, answer); for gsm8k a .jsonl file or a directory "
+                        "with test.jsonl (question, answer ending in '#### <number>')")
     g.add_argument("--eval-split", default=None, choices=["dev", "val", "test"],
                    help="scored split (default: test for mmlu/cmmlu, val for ceval)")
     g.add_argument("--num-shots", type=int, default=5,
-                   help="examples from the dev split before each question (boolq is zero-shot)")
+                   help="examples before each question: from the dev split (mmlu/cmmlu/ceval), from train.jsonl "
+                        "beside gsm8k's file or else from that file itself; boolq is zero-shot")
     g.add_argument("--eval-method", default="logits", choices=["logits", "generate"],
                    help="logits: the most likely answer (letter, or yes/no); generate: greedy text, its first "
-                        "letter A-D (or yes/no)")
+                        "letter A-D (or yes/no); gsm8k always generates and reads the last number")
     g.add_argument("--max-eval-samples", type=int, default=None, help="score the first N questions per subject")
     g.add_argument("--evaluation-batch-size", type=int, default=None,
                    help="questions scored together (default: --micro-batch-size)")
     g.add_argument("--eval-language", default=None, choices=["en", "zh"],
-                   help="prompt wording (default: en for mmlu, zh for cmmlu/ceval)")
+                   help="prompt wording (default: en for mmlu, zh for cmmlu/ceval, each in its official format; "
+                        "another language gets MMLU's format for en, CMMLU's for zh)")
     g.add_argument("--no-chat-template", action="store_true",
                    help="score raw few-shot prompts even when --prompt-type / --hf-chat-template is given")
     g.add_argument("--eval-output-dir", default="eval_results",

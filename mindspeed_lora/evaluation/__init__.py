@@ -1,1 +1,1 @@
-"""MMLU-style multiple-choice evaluation (MMLU, CMMLU, C-Eval in the MMLU CSV layout)."""
+"""Evaluation on public benchmarks: multiple-choice exams (MMLU, C-Eval, CMMLU), BoolQ and GSM8K."""

@@ -1,6 +1,6 @@
-"""Score a model on an MMLU-layout exam or BoolQ: by the logits of the answers (default) or by generating and
-reading the first answer (a letter A-D; yes / no); questions split across data-parallel ranks; per-subject and
-overall accuracy.
+"""Score a model on an exam (MMLU, C-Eval, CMMLU), BoolQ or GSM8K: by the logits of the answers (default for the
+exams and BoolQ) or by generating and reading the answer off the text (a letter A-D; yes / no; GSM8K's last
+number, always); questions split across data-parallel ranks; per-subject and overall accuracy.
 
 Logit scoring: the answers' continuations (" A".." D" after ``Answer:``, "A".."D" in Chinese or chat prompts;
 " yes" / " no") are tokenized on their own; their common leading tokens are appended to the prompt and the
@@ -9,32 +9,101 @@ prompt's last position.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from mindspeed_lora.checkpoint.megatron_io import atomic_write_text
 from mindspeed_lora.errors import UserError
-from mindspeed_lora.evaluation import boolq
+from mindspeed_lora.evaluation import boolq, gsm8k
 from mindspeed_lora.evaluation.mmlu import (
     DEFAULT_LANGUAGE,
+    LANGUAGE_STYLES,
     LETTERS,
-    STYLES,
     PromptStyle,
-    Question,
     build_prompt,
     load_exam,
+    prompt_style,
     resolve_exam_dir,
 )
 from mindspeed_lora.inference.prompting import ChatFormat, RawFormat
 
-TASKS = ("mmlu", "cmmlu", "ceval", "boolq")
-ANSWERS = {"mmlu": LETTERS, "cmmlu": LETTERS, "ceval": LETTERS, "boolq": boolq.ANSWERS}
 METHODS = ("logits", "generate")
 _LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
+
+
+def parse_letter(text: str) -> str:
+    m = _LETTER.search(text)
+    return m.group(1) if m else ""
+
+
+Scored = dict[str, list[tuple[Any, list]]]
+"""Subject -> (question, its few-shot examples) per scored question, in file order."""
+
+
+def _exam_questions(cfg: EvalConfig) -> Scored:
+    scored, fewshot = load_exam(resolve_exam_dir(cfg.data_path, cfg.task, cfg.split), cfg.shots)
+    return {subject: [(q, fewshot[subject]) for q in questions] for subject, questions in scored.items()}
+
+
+def _exam_split(cfg: EvalConfig) -> str:
+    return resolve_exam_dir(cfg.data_path, cfg.task, cfg.split).split
+
+
+def _boolq_questions(cfg: EvalConfig) -> Scored:
+    return {boolq.SUBJECT: [(q, []) for q in boolq.load_boolq(cfg.data_path)]}
+
+
+def _boolq_split(cfg: EvalConfig) -> str:
+    return "+".join(os.path.splitext(os.path.basename(f))[0] for f in boolq.boolq_files(cfg.data_path))
+
+
+def _boolq_prompt(q: boolq.BoolQuestion, examples: list, style: PromptStyle) -> str:
+    return boolq.boolq_prompt(q, style.cue)
+
+
+def _gsm8k_questions(cfg: EvalConfig) -> Scored:
+    return {gsm8k.SUBJECT: gsm8k.load_gsm8k(cfg.data_path, cfg.shots)}
+
+
+def _gsm8k_split(cfg: EvalConfig) -> str:
+    return os.path.splitext(os.path.basename(gsm8k.gsm8k_files(cfg.data_path)[0]))[0]
+
+
+def _gsm8k_prompt(q: gsm8k.MathQuestion, examples: list, style: PromptStyle) -> str:
+    return gsm8k.gsm8k_prompt(q, examples)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What differs between tasks: reading the data, writing a prompt, reading an answer off generated text."""
+
+    load: Callable[[EvalConfig], Scored]
+    split: Callable[[EvalConfig], str]
+    """The scored split's name (checks the data's layout)."""
+    prompt: Callable[[Any, list, PromptStyle], str]
+    parse: Callable[[str], str]
+    answers: tuple[str, ...] | None
+    """The candidates of logit scoring; None: scored by generation only."""
+    max_new_tokens: int = 8
+    """Generation scoring's default budget (``--max-new-tokens``)."""
+    fewshot: bool = True
+
+
+_EXAM = Task(_exam_questions, _exam_split, build_prompt, parse_letter, LETTERS)
+TASKS = {
+    "mmlu": _EXAM,
+    "cmmlu": _EXAM,
+    "ceval": _EXAM,
+    # zero-shot, as BoolQ is usually reported
+    "boolq": Task(_boolq_questions, _boolq_split, _boolq_prompt, boolq.parse_yes_no, boolq.ANSWERS, fewshot=False),
+    "gsm8k": Task(_gsm8k_questions, _gsm8k_split, _gsm8k_prompt, gsm8k.parse_number, None, max_new_tokens=256),
+}
 
 
 @dataclass
@@ -47,13 +116,14 @@ class EvalConfig:
     """The scored split; default test (mmlu, cmmlu) or val (ceval)."""
     shots: int = 5
     method: str = "logits"
+    """gsm8k is always scored by generation."""
     max_eval_samples: int | None = None
     """Score only the first N questions of each subject."""
     batch_size: int = 4
     language: str | None = None
     """Prompt language, en or zh; default by task."""
-    max_new_tokens: int = 8
-    """Generation scoring: tokens generated before looking for the letter."""
+    max_new_tokens: int | None = None
+    """Generation scoring: tokens generated before reading the answer; default 8, 256 for gsm8k."""
     output_dir: str = "eval_results"
 
     def __post_init__(self):
@@ -67,11 +137,23 @@ class EvalConfig:
             raise UserError(f"--max-eval-samples={self.max_eval_samples}: expected a positive number")
         if self.batch_size < 1:
             raise UserError(f"--evaluation-batch-size={self.batch_size}: expected a positive number")
-        if self.task == "boolq":
-            self.shots = 0  # zero-shot, as BoolQ is usually reported
+        spec = TASKS[self.task]
+        if self.max_new_tokens is None:
+            self.max_new_tokens = spec.max_new_tokens
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens={self.max_new_tokens}: expected a positive number")
+        if not spec.fewshot:
+            self.shots = 0
+        if spec.answers is None:
+            self.method = "generate"
         self.language = self.language or DEFAULT_LANGUAGE.get(self.task, "en")
-        if self.language not in STYLES:
-            raise UserError(f"--eval-language {self.language!r}: expected one of {sorted(STYLES)}")
+        if self.language not in LANGUAGE_STYLES:
+            raise UserError(f"--eval-language {self.language!r}: expected one of {sorted(LANGUAGE_STYLES)}")
+
+
+def data_split(cfg: EvalConfig) -> str:
+    """The scored split's name (BoolQ: its files' names; GSM8K: the scored file's); checks the data's layout."""
+    return TASKS[cfg.task].split(cfg)
 
 
 @dataclass(frozen=True)
@@ -80,9 +162,11 @@ class Prediction:
     index: int
     answer: str
     prediction: str
-    """"A".."D" (or "yes" / "no"), or "" when generation produced no answer."""
+    """"A".."D", "yes" / "no" or a number, or "" when generation produced no answer."""
     truncated: bool = False
     """The prompt was longer than the model allows and lost its oldest tokens."""
+    response: str | None = None
+    """Generation scoring: the generated text."""
 
 
 def letter_candidates(tokenizer, answer_prefix: str, answers: tuple[str, ...] = LETTERS) -> tuple[list[int], list[int]]:
@@ -97,11 +181,6 @@ def letter_candidates(tokenizer, answer_prefix: str, answers: tuple[str, ...] = 
     return list(seqs[0][:common]), [s[common] for s in seqs]
 
 
-def parse_letter(text: str) -> str:
-    m = _LETTER.search(text)
-    return m.group(1) if m else ""
-
-
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -112,31 +191,32 @@ class ExamScorer:
 
     def __init__(self, engine, tokenizer, cfg: EvalConfig, fmt: ChatFormat | None = None, generation=None):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
+        self.task = TASKS[cfg.task]
         self.fmt = fmt or RawFormat(tokenizer)
-        chat = not isinstance(self.fmt, RawFormat)
-        base = STYLES[cfg.language]
+        style = prompt_style(cfg.task, cfg.language)
         # A chat template puts the answer at the start of the assistant turn: no separating space.
-        self.style = PromptStyle(base.header, base.cue, "" if chat else base.answer_prefix)
+        self.style = style if isinstance(self.fmt, RawFormat) else dataclasses.replace(style, answer_prefix="")
         self.generation = generation
-        self.answers = ANSWERS[cfg.task]
         if cfg.method == "logits":
-            self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix, self.answers)
+            self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix, self.task.answers)
 
     def limit(self) -> int:
         """Most prompt tokens: the model's positions, less the generated tokens when scoring by generation."""
         return self.engine.max_positions - (self.cfg.max_new_tokens if self.cfg.method == "generate" else 0)
 
-    def prompt_ids(self, q, examples: list[Question]) -> tuple[list[int], bool]:
+    def prompt_text(self, q, examples: list) -> str:
+        return self.task.prompt(q, examples, self.style)
+
+    def prompt_ids(self, q, examples: list) -> tuple[list[int], bool]:
         """The prompt's tokens, and whether an over-long few-shot context lost its oldest tokens."""
-        text = boolq.boolq_prompt(q, self.style.cue) if self.cfg.task == "boolq" else \
-            build_prompt(q, examples, self.style)
-        ids = self.fmt.encode([{"role": "user", "content": text}])
+        ids = self.fmt.encode([{"role": "user", "content": self.prompt_text(q, examples)}])
         if self.cfg.method == "logits":
             ids = ids + self.suffix
         limit = self.limit()
         return ids[-limit:], len(ids) > limit
 
-    def score(self, batch: list[tuple[Question, list[int], bool]]) -> list[str]:
+    def score(self, batch: list[tuple[Any, list[int], bool]]) -> list[tuple[str, str | None]]:
+        """(prediction, generated text or None) per question of the batch."""
         prompts = [ids for _, ids, _ in batch]
         if self.cfg.method == "logits":
             from mindspeed_lora.inference.generation import left_pad
@@ -144,12 +224,12 @@ class ExamScorer:
             ids, valid = left_pad(prompts, self.tokenizer.pad_token_id or 0)
             logits = self.engine.logits(ids, valid, last_only=True)[:, -1]
             picks = logits[:, self.candidates].argmax(dim=-1).tolist()
-            return [self.answers[i] for i in picks]
+            return [(self.task.answers[i], None) for i in picks]
         from mindspeed_lora.inference.generation import generate
 
-        parse = boolq.parse_yes_no if self.cfg.task == "boolq" else parse_letter
         outs = generate(self.engine, prompts, self.generation)
-        return [parse(self.tokenizer.decode(o.content_tokens, skip_special_tokens=True)) for o in outs]
+        texts = [self.tokenizer.decode(o.content_tokens, skip_special_tokens=True) for o in outs]
+        return [(self.task.parse(text), text) for text in texts]
 
 
 def evaluate(scorer: ExamScorer, dp_rank: int = 0, dp_size: int = 1, dp_group=None,
@@ -158,22 +238,16 @@ def evaluate(scorer: ExamScorer, dp_rank: int = 0, dp_size: int = 1, dp_group=No
     from tqdm import tqdm
 
     cfg = scorer.cfg
-    if cfg.task == "boolq":
-        scored, fewshot = {boolq.SUBJECT: boolq.load_boolq(cfg.data_path)}, {boolq.SUBJECT: []}
-    else:
-        scored, fewshot = load_exam(resolve_exam_dir(cfg.data_path, cfg.task, cfg.split), cfg.shots)
-    items = []
-    for subject in sorted(scored):
-        questions = scored[subject][: cfg.max_eval_samples] if cfg.max_eval_samples else scored[subject]
-        items += [(q, fewshot[subject]) for q in questions]
+    scored = scorer.task.load(cfg)
+    items = [item for subject in sorted(scored) for item in scored[subject][: cfg.max_eval_samples]]
     mine = items[dp_rank::dp_size]
     # Similar lengths batch together (less padding); results are keyed, so the order does not matter.
     work = sorted(((q, *scorer.prompt_ids(q, ex)) for q, ex in mine), key=lambda t: len(t[1]))
     local = []
     bar = tqdm(total=len(work), desc=f"{cfg.task}", disable=not progress)
     for batch in _batches(work, cfg.batch_size):
-        for (q, _, cut), letter in zip(batch, scorer.score(batch)):
-            local.append(Prediction(q.subject, q.index, q.answer, letter, cut))
+        for (q, _, cut), (prediction, response) in zip(batch, scorer.score(batch)):
+            local.append(Prediction(q.subject, q.index, q.answer, prediction, cut, response))
         bar.update(len(batch))
     bar.close()
     if dp_size > 1:
@@ -224,7 +298,8 @@ def write_results(summary: dict, predictions: list[Prediction], output_dir: str)
     pred_path = os.path.join(output_dir, f"{task}_predictions.jsonl")
     for path, text in (
         (acc_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n"),
-        (pred_path, "".join(json.dumps(p.__dict__, ensure_ascii=False) + "\n" for p in predictions)),
+        (pred_path, "".join(json.dumps({k: v for k, v in p.__dict__.items() if v is not None}, ensure_ascii=False)
+                            + "\n" for p in predictions)),
     ):
         atomic_write_text(path, text)
     return acc_path, pred_path

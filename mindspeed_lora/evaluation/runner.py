@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from mindspeed_lora.errors import UserError
-from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, format_table, summarize, write_results
+from mindspeed_lora.evaluation.evaluator import (
+    EvalConfig,
+    ExamScorer,
+    data_split,
+    evaluate,
+    format_table,
+    summarize,
+    write_results,
+)
 
 
 def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
     if len(args.task_data_path) != len(args.task):
         raise UserError(f"--task has {len(args.task)} entries but --task-data-path has {len(args.task_data_path)}; "
-                        "give one data directory per task")
+                        "give one data path per task")
     return [
         EvalConfig(task=task, data_path=path, split=args.eval_split, shots=args.num_shots, method=args.eval_method,
                    max_eval_samples=args.max_eval_samples,
@@ -39,24 +46,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     configs = eval_configs(args)
     source = model_source_from_args(args)
     checkpoint_kind(args.load)
-    for cfg in configs:  # bad data fails before the model is built
-        scorer_split(cfg)
+    splits = [data_split(cfg) for cfg in configs]  # bad data fails before the model is built
     tok_dir = tokenizer_dir(args.load, args.tokenizer_name_or_path)
     tokenizer = load_tokenizer(tok_dir, use_fast=not args.tokenizer_not_use_fast)
     fmt = RawFormat(tokenizer) if args.no_chat_template else chat_format(
         tokenizer, tok_dir, args.prompt_type, args.prompt_type_path, args.enable_thinking, args.hf_chat_template)
     stops = stop_tokens(tokenizer, fmt, args.add_eos_token)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    gen_cfg = generation_config(args, "greedy", stops, pad_id)
+    # Each task has its own generation budget (--max-new-tokens, else the task's default).
+    gen_cfgs = [generation_config(argparse.Namespace(**{**vars(args), "max_new_tokens": cfg.max_new_tokens}),
+                                  "greedy", stops, pad_id) for cfg in configs]
     info = initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     summaries = []
     try:
         engine, _ = build_inference_engine(source, info.tp_rank)
-        for cfg in configs:
+        for cfg, split, gen_cfg in zip(configs, splits, gen_cfgs):
             scorer = ExamScorer(engine, tokenizer, cfg, fmt, gen_cfg)
             preds = evaluate(scorer, info.dp_rank, info.dp_size, ps.get_data_parallel_group(),
                              progress=info.rank == 0)
-            summary = summarize(preds, cfg, scorer_split(cfg))
+            summary = summarize(preds, cfg, split)
             summaries.append(summary)
             if info.rank == 0:
                 acc_path, _ = write_results(summary, preds, cfg.output_dir)
@@ -70,16 +78,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     finally:
         shutdown()
     return summaries
-
-
-def scorer_split(cfg: EvalConfig) -> str:
-    """The scored split's name (BoolQ: its files' names); checks the data's layout."""
-    from mindspeed_lora.evaluation.boolq import boolq_files
-    from mindspeed_lora.evaluation.mmlu import resolve_exam_dir
-
-    if cfg.task == "boolq":
-        return "+".join(os.path.splitext(os.path.basename(f))[0] for f in boolq_files(cfg.data_path))
-    return resolve_exam_dir(cfg.data_path, cfg.task, cfg.split).split
 
 
 def main(argv=None) -> None:

@@ -3,12 +3,14 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
 
 from mindspeed_lora import tiny
 from tests.unit.test_evaluation import independent_accuracy, make_exam
+from tests.unit.test_evaluation_gsm8k import hf_greedy, independent_number, independent_prompt, make_gsm8k
 from tests.unit.test_inference import build_lively_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,14 +90,41 @@ def test_evaluation_cli_with_lora_equals_independent_scorer_on_merged_model(hf_d
     proc = run("evaluation.py", "--load", path, "--lora-load", lora_dir, "--task", "mmlu", "--task-data-path", root,
                "--eval-output-dir", str(out_dir), "--evaluation-batch-size", "3")
     summary = json.loads((out_dir / "mmlu_accuracy.json").read_text())
-    ref = independent_accuracy(merged, tok, root, "test", zh=False)
+    ref = independent_accuracy(merged, tok, root, "mmlu")
     assert {s: v["correct"] for s, v in summary["subjects"].items()} == {s: r[0] for s, r in ref.items()}
     assert summary["overall"]["total"] == sum(r[1] for r in ref.values())
     preds = [json.loads(line) for line in (out_dir / "mmlu_predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in preds] == [letter for r in ref.values() for letter in r[2]]
-    base = [letter for r in independent_accuracy(hf, tok, root, "test", zh=False).values() for letter in r[2]]
+    base = [letter for r in independent_accuracy(hf, tok, root, "mmlu").values() for letter in r[2]]
     assert [p["prediction"] for p in preds] != base, "the adapter changed no answer: a weak test"
     assert "overall" in proc.stdout and "accuracy" in proc.stdout
+
+
+def test_evaluation_cli_cmmlu_and_gsm8k_in_their_release_layouts(hf_dir, tmp_path):
+    """Two new tasks in one run, each in the layout it is released in: CMMLU (test/<subject>.csv with the header
+    ,Question,A,B,C,D,Answer) scored by logits, GSM8K (test.jsonl + train.jsonl) by greedy generation."""
+    path, hf, tok = hf_dir
+    cmmlu = make_exam(str(tmp_path / "cmmlu"), subjects=("agronomy",), n_test=4, style="cmmlu")
+    gsm8k = make_gsm8k(str(tmp_path / "gsm8k"), n_test=3, n_train=2)
+    out_dir = tmp_path / "results"
+    proc = run("evaluation.py", "--load", path, "--task", "cmmlu", "gsm8k", "--task-data-path", cmmlu, gsm8k,
+               "--num-shots", "1", "--max-new-tokens", "16", "--eval-output-dir", str(out_dir))
+    summary = json.loads((out_dir / "cmmlu_accuracy.json").read_text())
+    ref = independent_accuracy(hf, tok, cmmlu, "cmmlu", shots=1)
+    assert summary["subjects"]["agronomy"]["correct"] == ref["agronomy"][0] and summary["split"] == "test"
+    preds = [json.loads(line) for line in (out_dir / "cmmlu_predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in preds] == ref["agronomy"][2]
+
+    train = [json.loads(line) for line in open(os.path.join(gsm8k, "train.jsonl"))]
+    preds = [json.loads(line) for line in (out_dir / "gsm8k_predictions.jsonl").read_text().splitlines()]
+    for p, q in zip(preds, (json.loads(line) for line in open(os.path.join(gsm8k, "test.jsonl")))):
+        text = hf_greedy(hf, tok, independent_prompt(q["question"], train[:1]), max_new_tokens=16)
+        number = independent_number(text)
+        assert p["response"] == text
+        assert (Fraction(p["prediction"]) if p["prediction"] else None) == number
+    summary = json.loads((out_dir / "gsm8k_accuracy.json").read_text())
+    assert (summary["split"], summary["method"], summary["overall"]["total"]) == ("test", "generate", 3)
+    assert "gsm8k (test split, 1-shot, generate)" in proc.stdout
 
 
 def test_bad_input_gives_one_clear_line(hf_dir, tmp_path):
@@ -104,7 +133,7 @@ def test_bad_input_gives_one_clear_line(hf_dir, tmp_path):
     cases = [
         (("inference.py", "--load", str(tmp_path / "nope")), "--load"),
         (("evaluation.py", "--load", path, "--task", "mmlu", "--task-data-path", str(tmp_path)),
-         "expected the MMLU CSV layout"),
+         "expected the exam CSV layout"),
     ]
     for args, message in cases:
         proc = run(*args, check=False)
