@@ -93,6 +93,8 @@ class Task:
     max_new_tokens: int = 8
     """Generation scoring's default budget (``--max-new-tokens``)."""
     fewshot: bool = True
+    stop_text: str | None = None
+    """Generation stops once a row's text reaches this (``parse`` ignores everything from it on)."""
 
 
 _EXAM = Task(_exam_questions, _exam_split, build_prompt, parse_letter, LETTERS)
@@ -102,7 +104,8 @@ TASKS = {
     "ceval": _EXAM,
     # zero-shot, as BoolQ is usually reported
     "boolq": Task(_boolq_questions, _boolq_split, _boolq_prompt, boolq.parse_yes_no, boolq.ANSWERS, fewshot=False),
-    "gsm8k": Task(_gsm8k_questions, _gsm8k_split, _gsm8k_prompt, gsm8k.parse_number, None, max_new_tokens=256),
+    "gsm8k": Task(_gsm8k_questions, _gsm8k_split, _gsm8k_prompt, gsm8k.parse_number, None, max_new_tokens=256,
+                  stop_text=gsm8k.NEXT_QUESTION),
 }
 
 
@@ -181,6 +184,19 @@ def letter_candidates(tokenizer, answer_prefix: str, answers: tuple[str, ...] = 
     return list(seqs[0][:common]), [s[common] for s in seqs]
 
 
+def stop_sequences(tokenizer, text: str) -> tuple[tuple[int, ...], ...]:
+    """Token sequences that end ``text`` as it is written after a line break or a space (tokenizers merge a
+    leading newline or space into the word), so a row stops on the first token that completes it."""
+    seqs = set()
+    for lead in ("", "\n", "\n\n", " "):
+        ids = tokenizer.encode(lead + text, add_special_tokens=False)
+        bare = tokenizer.encode(lead, add_special_tokens=False) if lead else []
+        if ids[:len(bare)] == bare:  # the lead is tokens of its own: the rest is how text follows it
+            ids = ids[len(bare):]
+        seqs.add(tuple(ids))
+    return tuple(sorted(s for s in seqs if s))
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -197,6 +213,9 @@ class ExamScorer:
         # A chat template puts the answer at the start of the assistant turn: no separating space.
         self.style = style if isinstance(self.fmt, RawFormat) else dataclasses.replace(style, answer_prefix="")
         self.generation = generation
+        if generation is not None and self.task.stop_text:
+            self.generation = dataclasses.replace(
+                generation, stop_sequences=generation.stop_sequences + stop_sequences(tokenizer, self.task.stop_text))
         if cfg.method == "logits":
             self.suffix, self.candidates = letter_candidates(tokenizer, self.style.answer_prefix, self.task.answers)
 

@@ -35,7 +35,7 @@ SUBJECT = "gsm8k"
 TRAIN_FILE = "train.jsonl"
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-_NEXT_QUESTION = "Question:"
+NEXT_QUESTION = "Question:"
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def canonical_number(text: str) -> str:
 
 def parse_number(text: str) -> str:
     """The prediction in a generation: the last number before any ``Question:``, canonical; "" when none."""
-    numbers = _NUMBER.findall(text.split(_NEXT_QUESTION, 1)[0])
+    numbers = _NUMBER.findall(text.split(NEXT_QUESTION, 1)[0])
     return canonical_number(numbers[-1]) if numbers else ""
 
 

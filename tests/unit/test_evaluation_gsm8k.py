@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mindspeed_lora.errors import UserError
-from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, summarize
+from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, stop_sequences, summarize
 from mindspeed_lora.evaluation.gsm8k import gsm8k_files, gsm8k_prompt, load_gsm8k, parse_number
 from mindspeed_lora.inference.generation import GenerationConfig
 from tests.unit.test_evaluation import model, model_dir  # noqa: F401  (module fixtures: the tiny model)
@@ -100,6 +100,23 @@ def test_generation_and_last_number_equal_independent_hf_scorer(model, tmp_path)
     summary = summarize(preds, cfg, "test")
     assert summary["overall"] == {"correct": correct, "total": 4, "accuracy": correct / 4}
     assert 0 < correct < 4, "all right or all wrong: a weak comparison"
+
+
+def test_generation_stops_where_the_model_starts_the_next_question(model, tmp_path):  # noqa: F811
+    """What the scorer ignores after 'Question:' is not generated: a stop sequence ends exactly where
+    'Question:' ends, however the text before it joins the word; only the gsm8k scorer adds them."""
+    _, tok, engine = model
+    seqs = stop_sequences(tok, "Question:")
+    for text in ["The answer is 5.\n\nQuestion: Bob", "5\nQuestion: x", "so Question: y", "Question: z"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        ends = [i for s in seqs for i in range(len(s), len(ids) + 1) if tuple(ids[i - len(s):i]) == s]
+        assert ends and tok.decode(ids[:min(ends)]).endswith("Question:"), text
+        assert "Question:" not in tok.decode(ids[:min(ends) - 1])
+    gen = GenerationConfig(max_new_tokens=8, stop_token_ids=(tok.eos_token_id,))
+    root = make_gsm8k(str(tmp_path / "gsm8k"))
+    scorer = ExamScorer(engine, tok, EvalConfig(task="gsm8k", data_path=root), generation=gen)
+    assert scorer.generation.stop_sequences == seqs and gen.stop_sequences == ()
+    assert scorer.generation.stop_token_ids == gen.stop_token_ids
 
 
 def test_exact_prompt_with_train_examples_or_the_file_itself(tmp_path):
