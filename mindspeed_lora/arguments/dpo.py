@@ -27,6 +27,11 @@ def add_dpo_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-load", "--ref-model", dest="ref_load", metavar="DIR", default=None,
                    help="full-parameter DPO: the reference model (HF dir or Megatron checkpoint, the run's layout). "
                         "Default: --load on a fresh start; on a resume the reference the checkpoint recorded")
+    g.add_argument("--refer-model-iter", type=int, metavar="N", default=None,
+                   help="full-parameter DPO: the reference is iteration N of --ref-load, else of --load, on a fresh "
+                        "start or a resume (MindSpeed-LLM's flag, 1 by default there: resuming in the directory the "
+                        "run started from, the policy reads the latest iteration and the reference the initial one). "
+                        "Default: as --ref-load says")
     g.add_argument("--pref-ftx", type=float, default=0.0,
                    help="weight of an SFT term: the mean negative log-prob of the chosen response tokens")
 

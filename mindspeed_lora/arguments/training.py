@@ -54,6 +54,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load", default=None,
                    help="converted Megatron checkpoint (convert_ckpt.py), a training checkpoint to resume, "
                         "or an HF model directory (sharded in memory, no offline step)")
+    g.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                   help="read iteration N of the Megatron checkpoint instead of its latest (Megatron-LM's flag): of "
+                        "--lora-load when given, else of --load. Training resumes from that iteration (its counter, "
+                        "data position, optimizer and RNG state), or with --finetune takes its weights only")
     g.add_argument("--num-layers", type=int, default=None, help="decoder layers")
     g.add_argument("--hidden-size", type=int, default=None)
     g.add_argument("--ffn-hidden-size", type=int, default=None)

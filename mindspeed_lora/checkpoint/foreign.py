@@ -72,8 +72,8 @@ def describe(path: str, config_dir: str, what: str = "--load-dir") -> dict:
         raise UserError(f"{what} {path}: a Megatron checkpoint without {megatron_io.METADATA}; its architecture "
                         f"comes from the HF model's config.json, which {config_dir} does not have")
     arch = ModelArch.from_hf_config(read_hf_config(config_dir), config_json)
+    iter_dir = megatron_io.resolve_iteration_dir(path)
     iteration = megatron_io.read_latest_iteration(path)
-    iter_dir = megatron_io.resolve_iteration_dir(path, iteration)
     tp, pp = _shard_layout(iter_dir)
     readers = [megatron_io.ShardReader(megatron_io.shard_path(iter_dir, 0, p, pp)) for p in range(pp)]
     where = readers[0].path

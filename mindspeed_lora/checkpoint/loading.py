@@ -30,38 +30,50 @@ class LoadSource:
     """"hf" (an HF model directory) or "megatron" (a converted or training checkpoint)."""
     metadata: dict | None = None
     """A Megatron checkpoint's ``mindspeed_lora.json``."""
+    iteration: int | None = None
+    """The Megatron checkpoint's iteration to read: the one asked for, else the latest when inspected. None for an
+    HF dir, and in a LoadSource built by hand: the latest when read."""
 
 
-def inspect_load_dir(path: str, what: str = "--load") -> LoadSource:
-    """An HF model dir or a Megatron checkpoint of this project; anything else is a UserError saying why."""
+def inspect_load_dir(path: str, what: str = "--load", iteration: int | None = None,
+                     asked_by: str = "--ckpt-step") -> LoadSource:
+    """An HF model dir or a Megatron checkpoint of this project (its ``iteration``, else its latest); anything
+    else is a UserError saying why. ``asked_by`` is the flag that gave ``iteration``, for messages."""
     if not os.path.isdir(path):
         raise UserError(f"{what} {path}: no such directory")
     meta = megatron_io.read_metadata(path)
     if meta is not None:
-        return LoadSource(path, "megatron", meta)
+        megatron_io.resolve_iteration_dir(path, iteration, f"{asked_by} {iteration}: {what}")  # it is there
+        if iteration is None:
+            iteration = megatron_io.read_latest_iteration(path)
+        return LoadSource(path, "megatron", meta, iteration)
     if os.path.isfile(os.path.join(path, megatron_io.LATEST)):
         raise UserError(f"{what} {path}: a Megatron checkpoint without {megatron_io.METADATA} (MindSpeed-LLM's "
                         "or Megatron-LM's?); import it once with convert_ckpt.py --load-model-type mg "
                         f"--save-model-type mg --load-dir {path} --save-dir NEW_DIR --hf-cfg-dir HF_MODEL_DIR "
                         "(the HF model it was converted from), or pass the HF model directory to " + what)
     if os.path.isfile(os.path.join(path, "config.json")):
+        if iteration is not None:
+            raise UserError(f"{asked_by} {iteration}: {what} {path} is an HF model directory (one set of weights, "
+                            "no iterations)")
         return LoadSource(path, "hf")
     raise UserError(f"{what} {path}: neither a Megatron checkpoint ({megatron_io.LATEST} + {megatron_io.METADATA}) "
                     "nor an HF model directory (config.json)")
 
 
-def resolve_arch(load_dir: str, what: str = "--load") -> ModelArch:
+def resolve_arch(load_dir: str, what: str = "--load", iteration: int | None = None) -> ModelArch:
     """The architecture saved beside a Megatron checkpoint (``mindspeed_lora.json``), or an HF dir's config.json."""
-    if inspect_load_dir(load_dir, what).kind == "megatron":
-        return MegatronCheckpoint(load_dir, what).arch
+    source = inspect_load_dir(load_dir, what, iteration)
+    if source.kind == "megatron":
+        return MegatronCheckpoint(load_dir, what, iteration=source.iteration).arch
     return ModelArch.from_hf_config(read_hf_config(load_dir), os.path.join(load_dir, "config.json"))
 
 
-def resolve_lora_config(lora_dir: str):
+def resolve_lora_config(lora_dir: str, iteration: int | None = None):
     """The LoRA settings a LoRA checkpoint was saved with, as the LoRA layers' ``LoraConfig``."""
     from mindspeed_lora.lora.config import LoraConfig
 
-    ckpt = MegatronCheckpoint(lora_dir, "--lora-load")
+    ckpt = MegatronCheckpoint(lora_dir, "--lora-load", iteration=iteration)
     if ckpt.lora is None:
         raise UserError(f"--lora-load {lora_dir}: {megatron_io.METADATA} has no LoRA config ('lora' is null)")
     return LoraConfig.from_dict(ckpt.lora.to_metadata(), os.path.join(lora_dir, megatron_io.METADATA))
@@ -113,15 +125,17 @@ def _copy_shard(model_params: dict, ckpt: MegatronCheckpoint, keys: set[str], tp
 
 
 def load_base_weights(model, load_dir: str, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
-                      pp_rank: int) -> None:
-    """Copy this rank's base weights from an HF dir or a Megatron checkpoint into ``model`` (stage ``pp_rank``)."""
-    if inspect_load_dir(load_dir).kind == "hf":
+                      pp_rank: int, iteration: int | None = None) -> None:
+    """Copy this rank's base weights from an HF dir or a Megatron checkpoint (its ``iteration``, else its latest)
+    into ``model`` (stage ``pp_rank``)."""
+    source = inspect_load_dir(load_dir, iteration=iteration)
+    if source.kind == "hf":
         from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader
         from mindspeed_lora.checkpoint.weight_map import load_hf_weights
 
         load_hf_weights(model, HFCheckpointReader(load_dir), arch, parallel, tp_rank, pp_rank)
         return
-    ckpt = MegatronCheckpoint(load_dir, "--load")
+    ckpt = MegatronCheckpoint(load_dir, "--load", iteration=source.iteration)
     check_layout(ckpt, arch, parallel)
     if not ckpt.has_base:
         raise UserError(f"--load {load_dir}: holds LoRA tensors only; the base model's checkpoint goes to --load "
@@ -131,14 +145,15 @@ def load_base_weights(model, load_dir: str, arch: ModelArch, parallel: ParallelO
 
 
 def load_lora_weights(model, lora_dir: str, lora_config, parallel: ParallelOptions, tp_rank: int,
-                      pp_rank: int) -> None:
-    """Copy this rank's LoRA A/B from a LoRA checkpoint into the model's LoRA-wrapped linears.
+                      pp_rank: int, iteration: int | None = None) -> None:
+    """Copy this rank's LoRA A/B from a LoRA checkpoint (its ``iteration``, else its latest) into the model's
+    LoRA-wrapped linears.
 
     ``lora_config`` is the run's LoRA setting (this module's ``LoraCheckpointConfig``, a metadata dict, or any
     object with r / alpha / target_modules / use_rslora); a checkpoint trained with another rank, alpha or
     target set is refused. None takes the checkpoint's own setting.
     """
-    ckpt = MegatronCheckpoint(lora_dir, "--lora-load")
+    ckpt = MegatronCheckpoint(lora_dir, "--lora-load", iteration=iteration)
     if not ckpt.has_adapter:
         raise UserError(f"--lora-load {lora_dir}: no LoRA tensors (lora_A / lora_B) in its shards")
     wanted = LoraCheckpointConfig.of(lora_config) if lora_config is not None else None

@@ -15,11 +15,13 @@ reads those too, still without running code from the file (``foreign`` describes
 
 Atomicity: an iteration is written into ``iter_XXXXXXX.tmp-<token>``, renamed to ``iter_XXXXXXX`` when
 complete, and only then does ``latest_checkpointed_iteration.txt`` (itself replaced atomically) point at it.
+Readers take that iteration unless they are given another (``--ckpt-step``, ``--refer-model-iter``).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -30,6 +32,7 @@ LATEST = "latest_checkpointed_iteration.txt"
 METADATA = "mindspeed_lora.json"
 HF_CONFIG_DIR = "hf_config"
 CHECKPOINT_VERSION = 3.0
+_ITER_DIR = re.compile(r"iter_(\d{7,})")
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -93,14 +96,37 @@ def read_latest_iteration(load_dir: str) -> int:
         raise UserError(f"{path}: expected an iteration number, found {text!r}") from e
 
 
-def resolve_iteration_dir(load_dir: str, iteration: int | None = None) -> str:
-    if iteration is None:
+def saved_iterations(load_dir: str) -> list[int]:
+    """The iterations ``load_dir`` holds (``iter_XXXXXXX`` directories; staging leftovers are not), ascending."""
+    names = os.listdir(load_dir) if os.path.isdir(load_dir) else []
+    return sorted(int(m.group(1)) for m in (_ITER_DIR.fullmatch(n) for n in names)
+                  if m and os.path.isdir(os.path.join(load_dir, m.group(0))))
+
+
+def check_iteration_flag(flag: str, iteration: int | None) -> None:
+    """A flag naming an iteration (--ckpt-step, --refer-model-iter) holds None or an iteration number."""
+    if iteration is not None and iteration < 0:
+        raise UserError(f"{flag} {iteration}: expected an iteration number (0 or more)")
+
+
+def resolve_iteration_dir(load_dir: str, iteration: int | None = None, what: str = "") -> str:
+    """The directory of ``iteration`` in ``load_dir``; None: the one latest_checkpointed_iteration.txt names.
+
+    An iteration asked for that is not there is a UserError listing those that are, ``what`` (e.g.
+    ``"--ckpt-step 3: --load"``) naming the flags that asked.
+    """
+    latest = iteration is None
+    if latest:
         iteration = read_latest_iteration(load_dir)
     name = "release" if iteration == 0 and os.path.isdir(os.path.join(load_dir, "release")) \
         else iteration_dir_name(iteration)
     path = os.path.join(load_dir, name)
     if not os.path.isdir(path):
-        raise UserError(f"{load_dir}: {LATEST} points at {name}, which does not exist")
+        if latest:
+            raise UserError(f"{load_dir}: {LATEST} points at {name}, which does not exist")
+        saved = saved_iterations(load_dir)
+        held = f"saved iterations: {', '.join(map(str, saved))}" if saved else "no iter_* directory there"
+        raise UserError(f"{what + ' ' if what else ''}{load_dir}: no iteration {iteration} (no {name}; {held})")
     return path
 
 

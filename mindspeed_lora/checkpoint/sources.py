@@ -132,9 +132,11 @@ class HFSource(TensorSource):
 
 class MegatronCheckpoint:
     """A Megatron checkpoint dir: written by this project (``mindspeed_lora.json`` beside the shards), or by
-    MindSpeed-LLM / Megatron-LM when ``config_dir`` names the HF model it came from (``foreign.describe``)."""
+    MindSpeed-LLM / Megatron-LM when ``config_dir`` names the HF model it came from (``foreign.describe``).
+    Its shards are those of ``iteration``, or of the latest iteration when None."""
 
-    def __init__(self, path: str, what: str = "--load-dir", config_dir: str | None = None):
+    def __init__(self, path: str, what: str = "--load-dir", config_dir: str | None = None,
+                 iteration: int | None = None):
         if not os.path.isdir(path):
             raise UserError(f"{what} {path}: no such directory")
         meta = megatron_io.read_metadata(path)
@@ -163,8 +165,8 @@ class MegatronCheckpoint:
                                         pipeline_model_parallel_size=pp,
                                         num_layer_list=list(meta["num_layer_list"]) if pp > 1 and
                                         meta.get("num_layer_list") else None)
-        self.iteration = megatron_io.read_latest_iteration(path)
-        self.iter_dir = megatron_io.resolve_iteration_dir(path, self.iteration)
+        self.iter_dir = megatron_io.resolve_iteration_dir(path, iteration, what)
+        self.iteration = megatron_io.read_latest_iteration(path) if iteration is None else iteration
         self.params_dtype: str | None = meta.get("params_dtype")
         self.lora = LoraCheckpointConfig.from_metadata(meta["lora"], f"{meta_path} key 'lora'") \
             if meta.get("lora") else None

@@ -17,8 +17,11 @@ every TP rank without gathering logits. The loss of a micro-batch is the mean ov
 micro-batches and DP replicas, so the step's gradient is that of the mean over the global batch's pairs.
 
 The full fine-tuning reference is ``--ref-load``, else the model the run started from: ``--load`` on a fresh
-start; on a resume the model recorded under ``dpo_reference`` in the checkpoint's ``mindspeed_lora.json``
-(the trained weights in ``--load`` are the policy, not the reference).
+start; on a resume the model recorded under ``dpo_reference`` (its directory) and ``dpo_reference_iteration``
+in the checkpoint's ``mindspeed_lora.json`` (the trained weights in ``--load`` are the policy, not the
+reference). ``--refer-model-iter N`` (MindSpeed-LLM's flag) makes it iteration N of ``--ref-load``, else of
+``--load``, on a fresh start or a resume: MindSpeed-LLM saves into the directory it loaded, so there the
+reference of a resume is the converted iteration 1 while the policy resumes from the latest.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "re
 
 REFERENCE_KEY = "dpo_reference"
 """``mindspeed_lora.json`` key: the absolute path of a full fine-tuning DPO run's reference model."""
+REFERENCE_ITERATION_KEY = "dpo_reference_iteration"
+"""``mindspeed_lora.json`` key: the iteration of a Megatron checkpoint reference (null for an HF dir). Absent
+in checkpoints of older versions, which read the latest iteration of the reference directory."""
 
 
 @dataclasses.dataclass
@@ -56,6 +62,11 @@ class DPORunConfig:
     dpo: DPOConfig
     ref_load: str | None = None
     """--ref-load: the reference model (full fine-tuning only)."""
+    refer_model_iter: int | None = None
+    """--refer-model-iter: the reference is this iteration of --ref-load, else of --load (full fine-tuning)."""
+
+    def __post_init__(self):
+        megatron_io.check_iteration_flag("--refer-model-iter", self.refer_model_iter)
 
 
 def config_from_args(args: argparse.Namespace) -> DPORunConfig:
@@ -65,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> DPORunConfig:
     # training_config_from_args validates everything but the stage, which it only knows as "sft"
     training = training_config_from_args(argparse.Namespace(**{**vars(args), "stage": "sft"}))
     training.args["stage"] = args.stage
-    return DPORunConfig(training, dpo_config_from_args(args), args.ref_load)
+    return DPORunConfig(training, dpo_config_from_args(args), args.ref_load, args.refer_model_iter)
 
 
 def _row_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +90,23 @@ class DPOTrainer(SFTTrainer):
     _check_data_prefix = staticmethod(check_pairwise_prefix)
     _open_dataset = staticmethod(PairwiseIndexedDataset)
 
-    def __init__(self, cfg: TrainingConfig, dpo: DPOConfig, ref_load: str | None = None):
+    def __init__(self, cfg: TrainingConfig, dpo: DPOConfig, ref_load: str | None = None,
+                 refer_model_iter: int | None = None):
         super().__init__(cfg)
         self.dpo = dpo
         self.ref_load = ref_load
+        self.refer_model_iter = refer_model_iter
         self.reference = None
         """Full fine-tuning: the frozen reference chunk; None with LoRA (the policy with adapters off)."""
         self.reference_source: LoadSource | None = None
         self.reference_rope = None
         self.last_metrics: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
+
+    @classmethod
+    def of(cls, run: DPORunConfig) -> DPOTrainer:
+        """The trainer of a parsed DPO run (``config_from_args``)."""
+        return cls(run.training, run.dpo, run.ref_load, run.refer_model_iter)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -100,37 +118,78 @@ class DPOTrainer(SFTTrainer):
         if cfg.data.neat_pack or cfg.data.reset_attention:
             raise UserError("--neat-pack / --reset-attention-mask / --reset-position-ids: pairwise data is not "
                             "packed; drop them for --stage dpo")
-        if self.ref_load and not self.dpo.needs_reference:
-            raise UserError(f"--ref-load {self.ref_load}: --dpo-loss-type {self.dpo.loss_type} uses no reference "
-                            "model")
-        if self.ref_load and cfg.lora is not None:
-            raise UserError(f"--ref-load {self.ref_load}: with LoRA the reference is the --load model with its "
-                            "adapters off; --ref-load is for full-parameter DPO")
+        for flag, value in (("--ref-load", self.ref_load), ("--refer-model-iter", self.refer_model_iter)):
+            if value is None:
+                continue
+            if not self.dpo.needs_reference:
+                raise UserError(f"{flag} {value}: --dpo-loss-type {self.dpo.loss_type} uses no reference model")
+            if cfg.lora is not None:
+                raise UserError(f"{flag} {value}: with LoRA the reference is the --load model with its adapters "
+                                f"off; {flag} is for full-parameter DPO")
+        # before the slow part: a missing directory or iteration, or an HF dir with an iteration, fails at once
+        asked = self._asked_reference() if self.ref_load or self.refer_model_iter is not None else None
         super().setup()
         if self.lora is None and self.dpo.needs_reference:
-            self.reference_source = self._reference_source()
+            self.reference_source = self._checked_reference(*(asked or self._default_reference()))
             self._build_reference()
 
-    def _reference_source(self) -> LoadSource:
-        """--ref-load; on a fresh start --load; on a resume the reference its checkpoint recorded."""
-        cfg = self.cfg
-        if self.ref_load:
-            path, what = self.ref_load, "--ref-load"
-        elif not self.resume:
-            return self.source
-        else:
-            meta = os.path.join(self.source.path, megatron_io.METADATA)
-            path = (self.source.metadata or {}).get(REFERENCE_KEY)
-            if path is None:
+    def _asked_reference(self) -> tuple[LoadSource, str]:
+        """--ref-load (iteration --refer-model-iter, else its latest), or iteration --refer-model-iter of --load."""
+        load = self.cfg.model.load
+        path, what = (self.ref_load, "--ref-load") if self.ref_load else (load, "--load")
+        try:
+            return model_setup.inspect_load_dir(path, what, self.refer_model_iter, "--refer-model-iter"), what
+        except UserError as e:
+            recorded = megatron_io.read_metadata(load) if not self.ref_load and os.path.isdir(load) else None
+            if not recorded or REFERENCE_KEY not in recorded:
+                raise
+            # a MindSpeed-LLM habit (--refer-model-iter 1) on a checkpoint that knows its reference
+            iteration = recorded.get(REFERENCE_ITERATION_KEY)
+            raise UserError(f"{e}; without --refer-model-iter a resume compares against the reference the "
+                            f"checkpoint recorded ({recorded[REFERENCE_KEY]}"
+                            + (f", iteration {iteration})" if iteration is not None else ")")) from None
+
+    def _default_reference(self) -> tuple[LoadSource, str]:
+        """On a fresh start the model the policy starts from (--load, its --ckpt-step); on a resume the reference
+        its checkpoint recorded (directory and iteration)."""
+        if not self.resume:
+            return self.source, "--load"
+        load = self.source.path
+        meta = os.path.join(load, megatron_io.METADATA)
+        recorded = self.source.metadata or {}
+        path = recorded.get(REFERENCE_KEY)
+        if path is None:
+            raise UserError(
+                f"--load {load}: a training checkpoint whose {meta} records no DPO reference model (an SFT run's, "
+                "or an older DPO run's); give --finetune to start DPO from these weights, or --ref-load "
+                "REFERENCE_DIR to resume a full-parameter DPO run against its reference")
+        if not os.path.isdir(path):
+            raise UserError(f"--load {load}: the DPO reference model recorded in {meta} ({path}) is not there any "
+                            "more; give its new place with --ref-load (and its iteration with --refer-model-iter)")
+        iteration = recorded.get(REFERENCE_ITERATION_KEY)
+        if REFERENCE_ITERATION_KEY not in recorded and megatron_io.read_metadata(path) is not None:
+            # an older version's record: it meant the latest iteration of that directory when the run started.
+            # That is still the reference unless the run saved into that directory since: then the latest is the
+            # trained policy, and the iteration the run started from is recorded nowhere.
+            if os.path.realpath(path) in {os.path.realpath(d) for d in (load, self.cfg.checkpoint.save) if d}:
                 raise UserError(
-                    f"--load {self.source.path}: a training checkpoint whose {meta} records no DPO reference model "
-                    "(an SFT run's, or an older DPO run's); give --finetune to start DPO from these weights, or "
-                    "--ref-load REFERENCE_DIR to resume a full-parameter DPO run against its reference")
-            if not os.path.isdir(path):
-                raise UserError(f"--load {self.source.path}: the DPO reference model recorded in {meta} ({path}) "
-                                "is not there any more; give its new place with --ref-load")
-            what = f"the DPO reference recorded in {meta}:"
-        source = model_setup.inspect_load_dir(path, what)
+                    f"--load {load}: {meta} records the DPO reference as {path} without an iteration (an older "
+                    "version's record, meaning that directory's latest iteration when the run started); the run "
+                    "has saved its trained weights there since: give the iteration it started from with "
+                    "--refer-model-iter N (1 for a checkpoint made by convert_ckpt.py)")
+            log_rank0(f"note: {meta} records the DPO reference without an iteration (an older version's record): "
+                      f"the latest iteration of {path}, as that version read it")
+        what = f"the DPO reference recorded in {meta}:"
+        try:
+            return model_setup.inspect_load_dir(path, what, iteration, REFERENCE_ITERATION_KEY), what
+        except UserError as e:
+            raise UserError(f"{e}; give the reference with --ref-load DIR --refer-model-iter N") from None
+
+    def _checked_reference(self, source: LoadSource, what: str) -> LoadSource:
+        """``source`` after refusing another model, a LoRA adapter, or another TP/PP layout than the policy's."""
+        if source is self.source:
+            return source
+        cfg, path = self.cfg, source.path
         diffs = arch_differences(model_setup.resolve_arch(source, cfg.model, what), self.arch)
         if diffs:
             raise UserError(f"{what} {path}: a different model than --load ({'; '.join(diffs)}; reference vs "
@@ -146,6 +205,7 @@ class DPOTrainer(SFTTrainer):
         meta = super()._checkpoint_metadata(iteration)
         if self.reference_source is not None:  # what a resume compares against
             meta[REFERENCE_KEY] = os.path.abspath(self.reference_source.path)
+            meta[REFERENCE_ITERATION_KEY] = self.reference_source.iteration  # None for an HF dir
         return meta
 
     def _build_reference(self) -> None:
@@ -154,7 +214,9 @@ class DPOTrainer(SFTTrainer):
         ref, self.reference_rope = model_setup.build_stage_model(self.arch, cfg, options, r.is_first_stage,
                                                                  r.is_last_stage)
         model_setup.load_base_weights(ref, self.reference_source, self.arch, cfg.parallel, r.tp_rank, r.pp_rank)
-        log_rank0(f"DPO reference model: {self.reference_source.path}")
+        src = self.reference_source
+        log_rank0(f"DPO reference model: {src.path}" + (f", iteration {src.iteration}" if src.iteration is not None
+                                                         else ""))
         for p in ref.parameters():
             p.requires_grad_(False)
         self.reference = ref.eval()
@@ -255,7 +317,7 @@ class DPOTrainer(SFTTrainer):
 
 
 def run(cfg: DPORunConfig) -> TrainResult:
-    trainer = DPOTrainer(cfg.training, cfg.dpo, cfg.ref_load)
+    trainer = DPOTrainer.of(cfg)
     trainer.setup()
     try:
         return trainer.train()

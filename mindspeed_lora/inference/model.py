@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mindspeed_lora.checkpoint import megatron_io
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.engine import InferenceEngine
 from mindspeed_lora.inference.kv_cache import kv_cache_spec_hook
@@ -23,6 +24,8 @@ class ModelSource:
     """HF model directory or Megatron checkpoint directory."""
     lora_load: str | None = None
     """LoRA adapter checkpoint (Megatron layout) applied on top of ``load``."""
+    ckpt_step: int | None = None
+    """--ckpt-step: the iteration read of ``lora_load`` when given, else of ``load``; None: the latest."""
     tensor_model_parallel_size: int = 1
     params_dtype: str | None = None
     """float32 / bfloat16 / float16; None keeps the checkpoint's dtype."""
@@ -49,6 +52,7 @@ class ModelSource:
             raise UserError(f"--load {self.load}: no such directory")
         if self.lora_load is not None and not os.path.isdir(self.lora_load):
             raise UserError(f"--lora-load {self.lora_load}: no such directory")
+        megatron_io.check_iteration_flag("--ckpt-step", self.ckpt_step)
         if self.tensor_model_parallel_size < 1:
             raise UserError(f"--tensor-model-parallel-size {self.tensor_model_parallel_size}: expected >= 1")
         if self.seq_length is not None and self.seq_length < 2:
@@ -67,7 +71,8 @@ def model_source_from_args(args) -> ModelSource:
         raise UserError("--transformer-impl transformer_engine: not supported; layers come from this project's "
                         "spec (use --transformer-impl local, the default)")
     return ModelSource(
-        load=args.load, lora_load=args.lora_load, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        load=args.load, lora_load=args.lora_load, ckpt_step=args.ckpt_step,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
         params_dtype=default_dtype_name(args.bf16, args.fp16), use_cuda_graph=args.use_cuda_graph,
         spec_hooks=fused_ops_hooks(args),
         arch_overrides={f: getattr(args, flag) for flag, f in ARCH_FLAGS.items() if getattr(args, flag) is not None},
@@ -85,11 +90,17 @@ def _lora_flags(args):
     return lora_config_from_args(args)
 
 
-def inspect_load(path: str):
-    """What --load points at (HF dir or Megatron checkpoint); the same rules as training's --load."""
+def inspect_load(path: str, iteration: int | None = None, what: str = "--load"):
+    """What --load points at (HF dir or Megatron checkpoint, at ``iteration``); the same rules as training's
+    --load."""
     from mindspeed_lora.training.model import inspect_load_dir
 
-    return inspect_load_dir(path)
+    return inspect_load_dir(path, what, iteration)
+
+
+def _iterations(source: ModelSource) -> tuple[int | None, int | None]:
+    """--ckpt-step's iteration of (--load, --lora-load): the adapter's when there is one, as in training."""
+    return (None, source.ckpt_step) if source.lora_load else (source.ckpt_step, None)
 
 
 def checkpoint_kind(path: str) -> str:
@@ -105,7 +116,7 @@ def resolve_arch(source: ModelSource) -> ModelArch:
     setup = ModelSetup(load=source.load, arch_overrides=dict(source.arch_overrides),
                        untie_embeddings=source.untie_embeddings, require_qk_layernorm=source.require_qk_layernorm,
                        require_qkv_bias=source.require_qkv_bias, rope_scaling=dict(source.rope_scaling))
-    return arch_of(inspect_load(source.load), setup)
+    return arch_of(inspect_load(source.load, _iterations(source)[0]), setup)
 
 
 def tokenizer_dir(load: str, explicit: str | None) -> str:
@@ -136,7 +147,8 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     dtype = dtype_from_name(source.params_dtype or arch.torch_dtype)
     acc = get_accelerator()
     parallel = ParallelOptions(tensor_model_parallel_size=source.tensor_model_parallel_size)
-    loaded = inspect_load(source.load)
+    load_iteration, lora_iteration = _iterations(source)
+    loaded = inspect_load(source.load, load_iteration)
     if loaded.kind == "megatron":  # before building: a model for another TP layout cannot even be built
         from mindspeed_lora.training.model import check_layout
 
@@ -144,19 +156,21 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     hooks = list(source.spec_hooks)
     lora = None
     if source.lora_load is not None:
+        if lora_iteration is not None:  # an iteration not saved fails before the build
+            inspect_load(source.lora_load, lora_iteration, "--lora-load")
         from mindspeed_lora.lora.spec import lora_spec_hook
 
         # the adapter's own settings (the flags, when given, must agree: checked by load_lora_weights);
         # dropout and CCLoRA are training-only
-        lora = source.lora or loading.resolve_lora_config(source.lora_load)
+        lora = source.lora or loading.resolve_lora_config(source.lora_load, lora_iteration)
         hooks.append(lora_spec_hook(dataclasses.replace(lora, dropout=0.0, fusion=False)))
     hooks.append(kv_cache_spec_hook)
     options = ModelOptions(params_dtype=dtype, use_cpu_initialization=acc.device_type == "cpu", spec_hooks=hooks)
     model = build_gpt_model(arch, parallel, options, pre_process=True, post_process=True)
     model = model.to(acc.device())
-    loading.load_base_weights(model, source.load, arch, parallel, tp_rank, 0)
+    loading.load_base_weights(model, source.load, arch, parallel, tp_rank, 0, loaded.iteration)
     if lora is not None:
-        loading.load_lora_weights(model, source.lora_load, source.lora, parallel, tp_rank, 0)
+        loading.load_lora_weights(model, source.lora_load, source.lora, parallel, tp_rank, 0, lora_iteration)
     for p in model.parameters():
         p.requires_grad_(False)
     max_len = min(source.seq_length or arch.max_position_embeddings, arch.max_position_embeddings)

@@ -154,13 +154,14 @@ def save_checkpoint(save_dir: str, iteration: int, *, model_state: dict, optimiz
 
 # ---------------------------------------------------------------------------------------------- load
 
-def read_training_state(load_dir: str, rank) -> tuple[str, dict | None]:
-    """(this rank's shard path, its full dict) when a training run wrote it, else (path, None).
+def read_training_state(load_dir: str, rank, iteration: int | None = None) -> tuple[str, dict | None]:
+    """(this rank's shard path of ``iteration``, else of the latest; its full dict) when a training run wrote it,
+    else (path, None).
 
     The weights are loaded separately (streamed by ``checkpoint.loading``); this reads the shard's pickle on
     the meta device first, so a converted checkpoint (no ``training`` entry) is never read in full here.
     """
-    iter_dir = megatron_io.resolve_iteration_dir(load_dir)
+    iter_dir = megatron_io.resolve_iteration_dir(load_dir, iteration)
     path = megatron_io.shard_path(iter_dir, rank.tp_rank, rank.pp_rank, rank.pp_size)
     if not isinstance(megatron_io.ShardReader(path).extra.get("training"), dict):
         return path, None

@@ -12,6 +12,7 @@ import torch
 
 from mindspeed_lora.arguments.common import parse_num_layer_list
 from mindspeed_lora.arguments.mindspeed_llm import mindspeed_llm_notes, rope_scaling_flags
+from mindspeed_lora.checkpoint import megatron_io
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.builder import ParallelOptions
 
@@ -178,6 +179,9 @@ class CheckpointSetup:
     load_rng: bool = True
     finetune: bool = False
     lora_load: str | None = None
+    ckpt_step: int | None = None
+    """--ckpt-step: the iteration to read of --lora-load when given (the adapter a LoRA run resumes from), else of
+    --load; None: the latest. A resume continues from it; with --finetune only its weights are read."""
     exit_signal: str | None = None
     """The signal that makes training save and exit (--exit-signal-handler); None: no handler."""
     exit_interval: int | None = None
@@ -192,6 +196,17 @@ class CheckpointSetup:
             raise UserError(f"--exit-duration-in-mins {self.exit_duration_mins}: expected a positive number")
         if self.save_interval is not None and self.save is None:
             raise UserError("--save-interval needs --save")
+        megatron_io.check_iteration_flag("--ckpt-step", self.ckpt_step)
+
+    @property
+    def load_iteration(self) -> int | None:
+        """The iteration of --load to read (None: its latest)."""
+        return None if self.lora_load else self.ckpt_step
+
+    @property
+    def lora_load_iteration(self) -> int | None:
+        """The iteration of --lora-load to read (None: its latest)."""
+        return self.ckpt_step if self.lora_load else None
 
 
 @dataclass
@@ -398,7 +413,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     checkpoint = CheckpointSetup(
         save=args.save, save_interval=args.save_interval, save_optim=not args.no_save_optim,
         save_rng=not args.no_save_rng, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-        finetune=args.finetune, lora_load=args.lora_load,
+        finetune=args.finetune, lora_load=args.lora_load, ckpt_step=args.ckpt_step,
         exit_signal=args.exit_signal if args.exit_signal_handler else None, exit_interval=args.exit_interval,
         exit_duration_mins=args.exit_duration_in_mins,
     )

@@ -17,7 +17,7 @@ from mindspeed_lora.checkpoint.lora_layout import LoraCheckpointConfig
 from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
-from mindspeed_lora.training.model import LoadSource, check_layout
+from mindspeed_lora.training.model import check_layout, inspect_load_dir
 
 METADATA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
 # recorded with an adapter checkpoint; all but dropout must agree with a run that loads it
@@ -51,15 +51,16 @@ class LoraSetup:
 
         return adapter_state_dict(model)
 
-    def check_checkpoint(self, path: str) -> None:
-        """Refuse an adapter checkpoint of another TP/PP layout, base model or LoRA shape."""
+    def check_checkpoint(self, path: str, iteration: int | None = None) -> None:
+        """Refuse an adapter checkpoint of another TP/PP layout, base model or LoRA shape, or without
+        ``iteration`` (--ckpt-step)."""
         if not os.path.isdir(path):
             raise UserError(f"--lora-load {path}: no such directory")
-        meta = megatron_io.read_metadata(path)
-        if meta is None:
+        if megatron_io.read_metadata(path) is None:
             raise UserError(f"--lora-load {path}: no {megatron_io.METADATA} (not a LoRA checkpoint of this project)")
-        check_layout(LoadSource(path, "megatron", meta), self.arch, self.parallel, what="--lora-load")
-        saved = meta.get("lora")
+        source = inspect_load_dir(path, "--lora-load", iteration)
+        check_layout(source, self.arch, self.parallel, what="--lora-load")
+        saved = source.metadata.get("lora")
         where = os.path.join(path, megatron_io.METADATA)
         if not saved:
             raise UserError(f"--lora-load {path}: {where} records no LoRA settings (a full-weight checkpoint? "
@@ -69,11 +70,12 @@ class LoraSetup:
             raise UserError(f"--lora-load {path}: trained with other LoRA settings ({'; '.join(diffs)}; checkpoint "
                             "vs this run's --lora-r / --lora-alpha / --lora-target-modules / --lora-use-rslora)")
 
-    def load(self, model, path: str, rank) -> tuple[str, dict | None]:
-        """Copy this rank's adapter shard into ``model``; returns (shard path, shard dict or None) for resuming."""
+    def load(self, model, path: str, rank, iteration: int | None = None) -> tuple[str, dict | None]:
+        """Copy this rank's adapter shard of ``iteration`` (else the latest) into ``model``; returns (shard path,
+        shard dict or None) for resuming."""
         from mindspeed_lora.checkpoint import loading
         from mindspeed_lora.training.checkpointing import read_training_state
 
-        self.check_checkpoint(path)
-        loading.load_lora_weights(model, path, self.metadata(), self.parallel, rank.tp_rank, rank.pp_rank)
-        return read_training_state(path, rank)
+        self.check_checkpoint(path, iteration)
+        loading.load_lora_weights(model, path, self.metadata(), self.parallel, rank.tp_rank, rank.pp_rank, iteration)
+        return read_training_state(path, rank, iteration)

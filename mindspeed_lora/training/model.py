@@ -23,7 +23,7 @@ from mindspeed_lora.training.config import ModelSetup, TrainingConfig
 
 def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") -> ModelArch:
     """The checkpoint's architecture with command-line overrides applied and checked."""
-    arch = loading.resolve_arch(source.path, what)
+    arch = loading.resolve_arch(source.path, what, source.iteration)
     if setup.arch_overrides:
         arch = dataclasses.replace(arch, **setup.arch_overrides)
     where = f"{what} {source.path}"
@@ -51,7 +51,7 @@ def resolve_arch(source: LoadSource, setup: ModelSetup, what: str = "--load") ->
 
 def check_layout(source: LoadSource, arch: ModelArch, parallel: ParallelOptions, what: str = "--load") -> None:
     """Refuse a Megatron checkpoint whose TP/PP layout or architecture differs from this run."""
-    loading.check_layout(MegatronCheckpoint(source.path, what), arch, parallel)
+    loading.check_layout(MegatronCheckpoint(source.path, what, iteration=source.iteration), arch, parallel)
 
 
 def model_options(cfg: TrainingConfig, lora_hooks: list) -> ModelOptions:
@@ -90,8 +90,9 @@ def checkpoint_weight_keys(model) -> dict[str, torch.Tensor]:
 
 def load_base_weights(model, source: LoadSource, arch: ModelArch, parallel: ParallelOptions, tp_rank: int,
                       pp_rank: int) -> None:
-    """This rank's base weights from the HF dir or Megatron checkpoint (``checkpoint.loading``, streamed)."""
-    loading.load_base_weights(model, source.path, arch, parallel, tp_rank, pp_rank)
+    """This rank's base weights from the HF dir or Megatron checkpoint iteration (``checkpoint.loading``,
+    streamed)."""
+    loading.load_base_weights(model, source.path, arch, parallel, tp_rank, pp_rank, source.iteration)
 
 
 def wrap_ddp(model, cfg: TrainingConfig):

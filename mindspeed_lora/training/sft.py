@@ -107,7 +107,7 @@ class SFTTrainer:
         for note in cfg.notes:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"note: {note}", flush=True)
-        self.source = model_setup.inspect_load_dir(cfg.model.load)
+        self.source = model_setup.inspect_load_dir(cfg.model.load, iteration=cfg.checkpoint.load_iteration)
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)
         if self.source.kind == "megatron":
@@ -127,7 +127,7 @@ class SFTTrainer:
 
             self.lora = LoraSetup(cfg.lora, self.arch, par, cfg.seed)
             if cfg.checkpoint.lora_load:  # before the slow part: a mismatched adapter fails at once
-                self.lora.check_checkpoint(cfg.checkpoint.lora_load)
+                self.lora.check_checkpoint(cfg.checkpoint.lora_load, cfg.checkpoint.lora_load_iteration)
         hooks = self.lora.spec_hooks() if self.lora else []
         options = model_setup.model_options(cfg, hooks)
         model, self.rope = model_setup.build_stage_model(self.arch, cfg, options, self.rank.is_first_stage,
@@ -139,9 +139,11 @@ class SFTTrainer:
         if self.lora is not None:
             self.lora.prepare(model)
             if cfg.checkpoint.lora_load:
-                resume_path, resume_state = self.lora.load(model, cfg.checkpoint.lora_load, self.rank)
+                resume_path, resume_state = self.lora.load(model, cfg.checkpoint.lora_load, self.rank,
+                                                           cfg.checkpoint.lora_load_iteration)
         elif self.source.kind == "megatron" and not cfg.checkpoint.finetune:
-            resume_path, resume_state = checkpointing.read_training_state(self.source.path, self.rank)
+            resume_path, resume_state = checkpointing.read_training_state(self.source.path, self.rank,
+                                                                          self.source.iteration)
         self.resume = resume_state is not None and not cfg.checkpoint.finetune
         self.model = model
         if cfg.fused_cross_entropy and self.rank.is_last_stage:

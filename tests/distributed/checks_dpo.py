@@ -39,8 +39,7 @@ def trainer_for(argv: list[str]):
     from mindspeed_lora.dpo.trainer import DPOTrainer, config_from_args
 
     argv = [*argv, "--loss-curve", os.path.join(tempfile.mkdtemp(prefix="curve"), "c.png")]
-    cfg = config_from_args(parse_args("posttrain_gpt", argv))
-    trainer = DPOTrainer(cfg.training, cfg.dpo, cfg.ref_load)
+    trainer = DPOTrainer.of(config_from_args(parse_args("posttrain_gpt", argv)))
     trainer.setup()
     return trainer
 
@@ -226,12 +225,11 @@ def _edit_metadata(save: str, **changes) -> None:
 
 
 def check_full_dpo_resumes_exactly_against_its_reference(tmp):
-    """Full-parameter DPO saved at step 2 of 4 and resumed from that checkpoint: steps 3-4 give the
+    """Full-parameter DPO saved at steps 2 and 4 and resumed with --ckpt-step 2: steps 3-4 give the
     uninterrupted run's metrics bit for bit, so the reference is the recorded start model and not the trained
-    weights --load now holds (that would change every reward). The same with --ref-load given; refusals for a
-    checkpoint recording no reference, a recorded reference that is gone, another model, and LoRA."""
-    from tests.distributed.checks_training import barrier_write_latest
-
+    weights --load now holds (that would change every reward). The same with --ref-load given; refusals for an
+    iteration not saved, a checkpoint recording no reference, a recorded reference that is gone, another
+    model, and LoRA."""
     p = inputs(tmp)
     save = os.path.join(tmp, "dpo_full")
 
@@ -241,13 +239,15 @@ def check_full_dpo_resumes_exactly_against_its_reference(tmp):
     full = train(argv(p["model"], ["--save", save, "--save-interval", "2"]))
     meta = json.load(open(os.path.join(save, "mindspeed_lora.json")))
     assert meta["dpo_reference"] == os.path.abspath(p["model"]), meta.get("dpo_reference")
-    barrier_write_latest(save, 2)
+    assert meta["dpo_reference_iteration"] is None  # an HF dir has no iterations
     want = [(i, m) for i, m in full if i > 2]
     assert want[0][1]["rewards/margin"] != 0.0, "the policy must have moved from the reference by step 3"
-    resumed = train(argv(save))
+    resumed = train(argv(save, ["--ckpt-step", "2"]))
     assert resumed == want, f"resumed {resumed} vs uninterrupted {want}"
-    assert train(argv(save, ["--ref-load", p["model"]])) == want
+    assert train(argv(save, ["--ckpt-step", "2", "--ref-load", p["model"]])) == want
 
+    _expect_user_error(argv(save, ["--ckpt-step", "3"]), f"--ckpt-step 3: --load {save}: no iteration 3",
+                       "saved iterations: 2, 4")
     _edit_metadata(save, dpo_reference=None)  # as an SFT checkpoint has it
     _expect_user_error(argv(save), "records no DPO reference model", "--finetune", "--ref-load")
     _edit_metadata(save, dpo_reference=os.path.join(tmp, "moved_away"))
@@ -258,6 +258,49 @@ def check_full_dpo_resumes_exactly_against_its_reference(tmp):
     dist.barrier()
     _expect_user_error(argv(save, ["--ref-load", other]), f"--ref-load {other}: a different model")
     _expect_user_error(argv(p["model"], ["--ref-load", p["model"], *LORA]), "with LoRA the reference is")
+
+
+def check_refer_model_iter_reads_the_reference_iteration(tmp):
+    """MindSpeed-LLM's workflow: full DPO from a converted checkpoint (iteration 1) that saves into the same
+    directory (iterations 2 and 4 with trained weights). The run records its reference as iteration 1 of that
+    directory, so a resume from --ckpt-step 2 gives steps 3-4 bit for bit on its own, with --refer-model-iter 1,
+    and with --ref-load DIR --refer-model-iter 1 (without the flag --ref-load DIR means its latest, iteration 4);
+    --refer-model-iter 2 (trained weights as reference) changes the rewards. An older version's record (no
+    iteration) of the directory it saved into is refused unless --refer-model-iter says which. --finetune
+    --ckpt-step 1 starts from the converted weights with them as reference: the first run again, bit for bit."""
+    p = inputs(tmp)
+    run = os.path.join(tmp, "run")
+    if dist.get_rank() == 0:
+        from mindspeed_lora.arguments import parse_args
+        from mindspeed_lora.checkpoint.convert import run_from_args
+
+        assert run_from_args(parse_args("convert_ckpt", ["--use-mcore-models", "--no-progress", "--load-model-type",
+                                                         "hf", "--save-model-type", "mg", "--load-dir", p["model"],
+                                                         "--save-dir", run])) == 0
+    dist.barrier()
+
+    def argv(extra, iters=4):
+        return dfx.dpo_argv(run, p["data"], iters=iters, gbs=4, mbs=1, lr=1e-2, extra=["--dpo-beta", "0.5", *extra])
+
+    full = train(argv(["--save", run, "--save-interval", "2"]))
+    meta = json.load(open(os.path.join(run, "mindspeed_lora.json")))
+    assert (meta["dpo_reference"], meta["dpo_reference_iteration"]) == (os.path.abspath(run), 1), meta
+    want = [(i, m) for i, m in full if i > 2]
+    assert train(argv(["--ckpt-step", "2"])) == want
+    assert train(argv(["--ckpt-step", "2", "--refer-model-iter", "1"])) == want
+    assert train(argv(["--ckpt-step", "2", "--ref-load", run, "--refer-model-iter", "1"])) == want
+    (_, trained_ref), = train(argv(["--ckpt-step", "2", "--refer-model-iter", "2"], iters=3))
+    # the same policy at step 3, and iteration 2 as its reference is that policy itself: rewards 0
+    assert trained_ref["logps/chosen"] == want[0][1]["logps/chosen"]
+    assert abs(trained_ref["rewards/chosen"]) < 1e-6 < abs(want[0][1]["rewards/chosen"]), (trained_ref, want[0])
+
+    _edit_metadata(run, dpo_reference_iteration=None)  # an older version's record: the directory only
+    _expect_user_error(argv(["--ckpt-step", "2"]), "without an iteration", "--refer-model-iter N")
+    assert train(argv(["--ckpt-step", "2", "--refer-model-iter", "1"])) == want
+
+    assert train(argv(["--finetune", "--ckpt-step", "1"])) == full
+    latest = train(argv(["--finetune"], iters=1))  # iteration 4: trained weights as policy and reference
+    assert latest[0][1]["logps/chosen"] != full[0][1]["logps/chosen"]
 
 
 def check_lora_dpo_resumes_exactly(tmp):

@@ -174,12 +174,12 @@ def check_selective_recompute_tp2_matches_single_rank(tmp):
 # --------------------------------------------------------------------------------------------- resume
 
 def _resume_bitwise(tmp: str, extra: list[str]) -> None:
+    """Saved at iterations 3 and 6, resumed from 3 with --ckpt-step: iterations 4-6 equal the first run's."""
     p = inputs(root_of(tmp))
     save = os.path.join(tmp, "ckpt")
     _, full = train(base_argv(p, extra=extra + ["--save", save, "--save-interval", "3"], iters=6))
     assert os.path.isdir(os.path.join(save, "iter_0000003")) and os.path.isdir(os.path.join(save, "iter_0000006"))
-    barrier_write_latest(save, 3)
-    argv = fx.train_argv(save, p["toy"], iters=6, gbs=4, mbs=1, seq=32, lr=2e-3, extra=extra)
+    argv = fx.train_argv(save, p["toy"], iters=6, gbs=4, mbs=1, seq=32, lr=2e-3, extra=extra + ["--ckpt-step", "3"])
     trainer, resumed = train(argv)
     assert resumed.start_iteration == 3, resumed.start_iteration
     assert [i for i, _ in resumed.losses] == [4, 5, 6]
@@ -251,15 +251,24 @@ def check_resume_is_bitwise_pp2(tmp):
 
 
 def check_finetune_starts_at_iteration_zero(tmp):
+    """--finetune: the latest weights at iteration 0 with a fresh schedule; with --ckpt-step 2 those of iteration
+    2 (as when the latest pointer names 2)."""
     p = inputs(root_of(tmp))
     save = os.path.join(tmp, "ckpt")
-    _, first = train(base_argv(p, extra=["--save", save], iters=3))
-    trainer, tuned = train(fx.train_argv(save, p["toy"], iters=4, gbs=4, mbs=1, seq=32, lr=2e-3,
-                                         extra=["--finetune"]))
+    _, first = train(base_argv(p, extra=["--save", save, "--save-interval", "2"], iters=3))
+
+    def finetune(extra=(), iters=4):
+        return train(fx.train_argv(save, p["toy"], iters=iters, gbs=4, mbs=1, seq=32, lr=2e-3,
+                                   extra=["--finetune", *extra]))
+
+    trainer, tuned = finetune()
     assert tuned.start_iteration == 0 and [i for i, _ in tuned.losses] == [1, 2, 3, 4]
     # the trained weights were loaded (the first batch is the same samples as the first run's iteration 1)
     assert tuned.losses[0][1] < first.losses[0][1] - 1e-3, (tuned.losses, first.losses)
     assert trainer.scheduler.num_steps == 4  # a fresh schedule, not the checkpoint's
+    _, step2 = finetune(["--ckpt-step", "2"], iters=1)
+    barrier_write_latest(save, 2)
+    assert step2.losses == finetune(iters=1)[1].losses != tuned.losses[:1], (step2.losses, tuned.losses)
 
 
 # --------------------------------------------------------------------------------------------- failures
@@ -454,8 +463,8 @@ def check_lora_checkpoint_is_adapter_only_and_resumes_bitwise(tmp):
         assert keys and all(is_lora_key(k) and k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
                             for k in keys), sorted(keys)
         assert len(keys) == 2 * 4 * 2  # A and B x four linears x two layers
-    barrier_write_latest(save, 3)
-    _, resumed = train(lora_argv(p, extra + ["--lora-load", save], iters=6))
+    # --ckpt-step picks the iteration of the adapter checkpoint (--lora-load), not of the base model (--load)
+    _, resumed = train(lora_argv(p, extra + ["--lora-load", save, "--ckpt-step", "3"], iters=6))
     assert resumed.start_iteration == 3
     assert [v for _, v in resumed.losses] == [v for i, v in full.losses if i > 3]
     # --finetune with --lora-load: the adapter weights, but iteration 0 and a fresh optimizer

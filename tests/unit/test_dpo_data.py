@@ -101,6 +101,50 @@ def test_ref_load_flag_and_its_mindspeed_name():
     assert config_from_args(parse_args("posttrain_gpt", dfx.dpo_argv("m", "d"))).ref_load is None
 
 
+def test_refer_model_iter_reaches_the_config_and_is_refused_where_it_cannot_apply(tmp_path):
+    """--refer-model-iter N (MindSpeed-LLM's flag; no default here) is refused before anything is built: with
+    LoRA (the reference is the base with its adapters off), with a reference-free loss, for an HF reference dir,
+    and for an iteration the reference dir does not hold (the saved ones listed; on a checkpoint that records its
+    reference, that one named)."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.checkpoint import megatron_io
+    from mindspeed_lora.dpo.trainer import DPOTrainer, config_from_args
+
+    def cfg(load, extra):
+        return config_from_args(parse_args("posttrain_gpt", dfx.dpo_argv(str(load), "d", extra=extra)))
+
+    def setup(load, extra):
+        DPOTrainer.of(cfg(load, extra)).setup()
+
+    assert cfg("m", ["--refer-model-iter", "1"]).refer_model_iter == 1
+    assert cfg("m", []).refer_model_iter is None
+    with pytest.raises(UserError, match="--refer-model-iter -1: expected an iteration number"):
+        cfg("m", ["--refer-model-iter", "-1"])
+    hf, ck = tmp_path / "hf", tmp_path / "ck"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    for it in (1, 2):
+        (ck / megatron_io.iteration_dir_name(it)).mkdir(parents=True)
+    (ck / megatron_io.LATEST).write_text("2")
+    megatron_io.write_metadata(str(ck), {})
+    with pytest.raises(UserError, match="^--refer-model-iter 1: with LoRA the reference is the --load model with its "
+                                        "adapters off; --refer-model-iter is for full-parameter DPO$"):
+        setup(ck, ["--refer-model-iter", "1", "--lora-target-modules", "all-linear"])
+    with pytest.raises(UserError, match="^--refer-model-iter 1: --dpo-loss-type simpo uses no reference model$"):
+        setup(ck, ["--refer-model-iter", "1", "--dpo-loss-type", "simpo"])
+    with pytest.raises(UserError, match="^--refer-model-iter 1: --load .*/hf is an HF model directory"):
+        setup(hf, ["--refer-model-iter", "1"])
+    with pytest.raises(UserError, match="^--refer-model-iter 1: --ref-load .*/hf is an HF model directory"):
+        setup(ck, ["--ref-load", str(hf), "--refer-model-iter", "1"])
+    with pytest.raises(UserError, match=r"^--refer-model-iter 3: --load .*/ck: no iteration 3 \(no iter_0000003; "
+                                        r"saved iterations: 1, 2\)$"):
+        setup(ck, ["--refer-model-iter", "3"])
+    megatron_io.write_metadata(str(ck), {"dpo_reference": "/converted", "dpo_reference_iteration": 1})
+    with pytest.raises(UserError, match=r"saved iterations: 1, 2\); without --refer-model-iter a resume compares "
+                                        r"against the reference the checkpoint recorded \(/converted, iteration 1\)$"):
+        setup(ck, ["--refer-model-iter", "3"])
+
+
 def test_adapters_disabled_gives_the_base_model(tmp_path):
     from mindspeed_lora import tiny
     from mindspeed_lora.checkpoint.hf_reader import HFCheckpointReader

@@ -188,6 +188,23 @@ def test_mindspeed_llm_rope_flags_are_checked_against_the_model(tmp_path):
         resolve_arch(source("8"))
 
 
+def test_ckpt_step_reaches_the_model_source_and_an_hf_dir_has_no_iterations(tmp_path):
+    """--ckpt-step (Megatron-LM's flag) picks the iteration read, as in training (test_inference_lora has the
+    weights); an HF directory has none."""
+    from mindspeed_lora.arguments import parse_args
+    from mindspeed_lora.inference.model import model_source_from_args, resolve_arch
+
+    tiny.tiny_hf_config("qwen3").save_pretrained(tmp_path)
+    assert model_source_from_args(parse_args("inference", ["--load", str(tmp_path)])).ckpt_step is None
+    source = model_source_from_args(parse_args("evaluation", ["--load", str(tmp_path), "--ckpt-step", "7", "--task",
+                                                              "boolq", "--task-data-path", "x"]))
+    assert source.ckpt_step == 7
+    with pytest.raises(UserError, match="^--ckpt-step 7: --load .* is an HF model directory"):
+        resolve_arch(source)
+    with pytest.raises(UserError, match="--ckpt-step -1: expected an iteration number"):
+        ModelSource(load=str(tmp_path), ckpt_step=-1)
+
+
 def test_bad_generation_settings():
     with pytest.raises(UserError, match="--top-p=0"):
         GenerationConfig(top_p=0.0)

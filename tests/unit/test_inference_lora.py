@@ -11,6 +11,7 @@ import torch
 from mindspeed_lora import tiny
 from mindspeed_lora.checkpoint.sharding import merge_shards
 from mindspeed_lora.checkpoint.weight_map import stage_rules
+from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 from mindspeed_lora.models.builder import ParallelOptions
 from mindspeed_lora.models.family import read_hf_config
@@ -94,24 +95,25 @@ def test_merge_oracle_is_the_base_model_when_b_is_zero(base):
         assert not torch.allclose(hf(ids).logits, changed(ids).logits, atol=1e-3)
 
 
-def _write_adapter_checkpoint(save_dir, hf_dir, adapter, parallel=None):
-    """The adapter (this rank's shard) as a LoRA checkpoint in the layout training saves (adapter keys only);
-    collective over the ranks of the world."""
+def _write_adapter_checkpoint(save_dir, hf_dir, adapter, parallel=None, iteration=1):
+    """The adapter (this rank's shard) as iteration ``iteration`` of a LoRA checkpoint in the layout training saves
+    (adapter keys only); collective over the ranks of the world."""
     from mindspeed_lora.parallel import rank_info
     from mindspeed_lora.training.checkpointing import save_checkpoint
     from mindspeed_lora.training.model import metadata_for
 
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
     lora_meta = {"r": R, "alpha": ALPHA, "target_modules": list(TARGETS), "dropout": 0.0, "use_rslora": False}
-    save_checkpoint(save_dir, 1, model_state=adapter, optimizer=None, scheduler=None, rank=rank_info(),
+    save_checkpoint(save_dir, iteration, model_state=adapter, optimizer=None, scheduler=None, rank=rank_info(),
                     consumed_train_samples=0, args={},
-                    metadata=metadata_for(arch, parallel or ParallelOptions(), torch.float32, lora_meta, 1),
+                    metadata=metadata_for(arch, parallel or ParallelOptions(), torch.float32, lora_meta, iteration),
                     save_optim=False, save_rng=False, hf_source=hf_dir)
 
 
 def test_lora_greedy_equals_hf_generate_on_the_merged_model(base, tmp_path):
     """Base converted to Megatron + adapter checkpoint, as users run it; oracles: HF generate on the
-    converter's merged export and on the merge computed here."""
+    converter's merged export and on the merge computed here. The adapter is iteration 1 of two, read with
+    --ckpt-step 1 (the latest, another adapter, generates otherwise); an iteration not saved is refused."""
     pytest.importorskip("mindspeed_lora.lora.spec", reason="the LoRA package (mindspeed_lora/lora) is not in this tree")
     from transformers import AutoModelForCausalLM
 
@@ -128,8 +130,9 @@ def test_lora_greedy_equals_hf_generate_on_the_merged_model(base, tmp_path):
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--lora-load", lora_dir,
             "--save-dir", merged_dir)
     exported = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    _write_adapter_checkpoint(lora_dir, path, random_adapter(state, seed=4), iteration=2)  # now the latest
 
-    engine, _ = build_inference_engine(ModelSource(load=mg, lora_load=lora_dir), tp_rank=0)
+    engine, _ = build_inference_engine(ModelSource(load=mg, lora_load=lora_dir, ckpt_step=1), tp_rank=0)
     prompts = _prompts(seed=12)
     ours = _ours(engine, prompts)
     assert ours == _hf_generate(exported, prompts, do_sample=False)
@@ -137,6 +140,13 @@ def test_lora_greedy_equals_hf_generate_on_the_merged_model(base, tmp_path):
     assert ours != _hf_generate(hf, prompts, do_sample=False), "the adapter changed nothing: a weak test"
     assert ours == _ours(engine, prompts, use_kv_cache=False)
     assert max(len(r) for r in ours) == NEW
+    latest, _ = build_inference_engine(ModelSource(load=mg, lora_load=lora_dir), tp_rank=0)
+    assert _ours(latest, prompts) != ours
+    with pytest.raises(UserError, match=r"--ckpt-step 3: --lora-load .*/lora: no iteration 3 \(no iter_0000003; "
+                                        r"saved iterations: 1, 2\)"):
+        build_inference_engine(ModelSource(load=mg, lora_load=lora_dir, ckpt_step=3), tp_rank=0)
+    with pytest.raises(UserError, match=r"--ckpt-step 2: --load .*/mg: no iteration 2 .*saved iterations: 1\)"):
+        build_inference_engine(ModelSource(load=mg, ckpt_step=2), tp_rank=0)
 
 
 def test_lora_settings_that_disagree_or_are_missing_are_refused(base, tmp_path):

@@ -87,6 +87,7 @@ def test_exit_flags():
     ("--lora-load /x", "--lora-load needs --lora-target-modules"),
     ("--micro-batch-size 0", "--micro-batch-size 0"),
     ("--tensor-model-parallel-size 0", "--tensor-model-parallel-size 0"),
+    ("--ckpt-step -1", "--ckpt-step -1: expected an iteration number"),
 ])
 def test_bad_combinations_refused(extra, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -261,3 +262,44 @@ def test_megatron_checkpoint_without_metadata_refused(tmp_path):
     with pytest.raises(UserError, match="--load .*: a Megatron checkpoint without mindspeed_lora.json .*import it "
                                         "once with convert_ckpt.py .*--hf-cfg-dir"):
         inspect_load_dir(str(tmp_path))
+
+
+def test_ckpt_step_picks_an_iteration_of_load_or_of_the_adapter(tmp_path):
+    """--ckpt-step N (Megatron-LM's flag): the iteration read of --lora-load when given, else of --load; an
+    iteration that is not there, or an HF dir, is refused naming the flag and the saved iterations; the
+    latest pointer is not read (nor needed) when an iteration is asked for."""
+    import shutil
+
+    from mindspeed_lora.checkpoint import megatron_io
+    from mindspeed_lora.checkpoint.sources import MegatronCheckpoint
+    from mindspeed_lora.models.builder import ParallelOptions
+
+    ck = cfg_of(f"{BASE} --ckpt-step 2").checkpoint
+    assert (ck.ckpt_step, ck.load_iteration, ck.lora_load_iteration) == (2, 2, None)
+    ck = cfg_of(f"{BASE} --ckpt-step 2 --lora-target-modules all-linear --lora-load /a").checkpoint
+    assert (ck.load_iteration, ck.lora_load_iteration) == (None, 2)
+    assert cfg_of(BASE).checkpoint.ckpt_step is None
+
+    hf = _hf_dir(tmp_path, "qwen3")
+    arch = resolve_arch(inspect_load_dir(hf), cfg_of(BASE).model)
+    path = _megatron_dir(tmp_path / "ck", arch)
+    shutil.copytree(f"{path}/iter_0000001", f"{path}/iter_0000004")
+    (tmp_path / "ck" / "iter_0000005.tmp-abc").mkdir()  # a staging leftover is no iteration
+    (tmp_path / "ck" / megatron_io.LATEST).write_text("4")
+    assert megatron_io.saved_iterations(path) == [1, 4]
+    assert inspect_load_dir(path).iteration == 4
+    assert inspect_load_dir(path, iteration=1).iteration == 1
+    with pytest.raises(UserError, match=r"^--ckpt-step 2: --load .*/ck: no iteration 2 \(no iter_0000002; saved "
+                                        r"iterations: 1, 4\)$"):
+        inspect_load_dir(path, iteration=2)
+    with pytest.raises(UserError, match=r"^--refer-model-iter 3: --ref-load .*: no iteration 3"):
+        inspect_load_dir(path, "--ref-load", 3, "--refer-model-iter")
+    with pytest.raises(UserError, match=r"^--ckpt-step 1: --load .*/qwen3 is an HF model directory"):
+        inspect_load_dir(hf, iteration=1)
+    (tmp_path / "ck" / megatron_io.LATEST).unlink()  # the pointer is not needed to read a given iteration
+    source = inspect_load_dir(path, iteration=1)
+    check_layout(source, arch, ParallelOptions())
+    assert MegatronCheckpoint(path, iteration=1).iter_dir == f"{path}/iter_0000001"
+    with pytest.raises(UserError, match="no latest_checkpointed_iteration.txt"):
+        inspect_load_dir(path)
+
