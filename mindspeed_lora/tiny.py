@@ -55,7 +55,7 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512, texts: list[str] | None
 
 
 def tiny_hf_config(family: str, vocab_size: int = 512, **overrides):
-    """A 2-layer, hidden-64 HF config of ``family`` (qwen3, llama3, qwen2) with GQA."""
+    """A 2-layer, hidden-64 HF config of ``family`` (qwen3, llama3, qwen2, mistral) with GQA."""
     import transformers
 
     common = dict(
@@ -72,6 +72,9 @@ def tiny_hf_config(family: str, vocab_size: int = 512, **overrides):
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64}
         cfg = transformers.LlamaConfig(**{**common, "rope_theta": 500000.0, "rope_scaling": rope, **overrides})
+    elif family == "mistral":  # v0.3's layout: no sliding window, an explicit head_dim
+        cfg = transformers.MistralConfig(**{**common, "head_dim": 32, "rope_theta": 1000000.0,
+                                            "sliding_window": None, **overrides})
     else:
         raise ValueError(f"no tiny config for family {family!r}")
     return cfg

@@ -32,7 +32,7 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
                    help="output directory (must be new or empty unless --overwrite-save-dir); for mg -> hf into "
                         "an existing HF model dir, the output goes to its mg2hf/ subdir as MindSpeed-LLM does")
     g.add_argument("--model-type-hf", default=None,
-                   help="model family (qwen3, llama3, qwen2; llama2 is accepted as MindSpeed-LLM's name for "
+                   help="model family (qwen3, llama3, qwen2, mistral; llama2 is accepted as MindSpeed-LLM's name for "
                         "Llama); detected from config.json when omitted")
     g.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of a Megatron output")
     g.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of a Megatron output")

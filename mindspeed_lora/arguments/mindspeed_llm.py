@@ -121,7 +121,7 @@ def add_mindspeed_llm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-hf2mg-convert", action="store_true",
                    help="always on: --load may be an HF model directory, converted while loading")
     g.add_argument("--model-type-hf", default=None,
-                   help="checked: the model family of --load (qwen3, llama3, qwen2; llama2 means Llama)")
+                   help="checked: the model family of --load (qwen3, llama3, qwen2, mistral; llama2 means Llama)")
     g.add_argument("--tokenizer-padding-side", choices=["right"], default="right",
                    help="always right in training (the loss mask follows the data)")
     g.add_argument("--is-pairwise-dataset", action="store_true", help="checked: pairwise data is --stage dpo")

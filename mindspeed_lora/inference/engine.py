@@ -41,12 +41,18 @@ def attention_mask(valid: torch.Tensor, query_slots: torch.Tensor, key_slots: to
 class InferenceEngine:
     """A GPTModel chunk holding the whole model (PP=1) on this TP rank, in eval mode, driven for generation."""
 
-    def __init__(self, model, max_position_embeddings: int, use_cuda_graph: bool = False):
+    def __init__(self, model, max_position_embeddings: int, use_cuda_graph: bool = False,
+                 sliding_window: int | None = None):
         cache_layers(model)  # fail early if the spec hook was not applied
         if not (model.pre_process and model.post_process):
             raise RuntimeError("inference needs the whole model on each rank (pipeline parallel size 1)")
         self.model = model.eval()
         self.max_positions = max_position_embeddings
+        self.limit = f"the model's max_position_embeddings ({max_position_embeddings})"
+        if sliding_window is not None and sliding_window < max_position_embeddings:
+            # beyond the window the layers would need windowed attention, which is not implemented
+            self.max_positions = sliding_window
+            self.limit = f"the model's sliding attention window ({sliding_window}; windows are not implemented here)"
         self.use_cuda_graph = use_cuda_graph
         self._rope: torch.Tensor | None = None
         self._cached: CachedDecoder | None = None
@@ -97,8 +103,8 @@ class InferenceEngine:
         if max_len > self.max_positions:
             from mindspeed_lora.errors import UserError
 
-            raise UserError(f"prompt + new tokens = {max_len} tokens exceeds the model's max_position_embeddings "
-                            f"({self.max_positions}); shorten the prompt or lower --max-new-tokens")
+            raise UserError(f"prompt + new tokens = {max_len} tokens exceeds {self.limit}; shorten the prompt or "
+                            "lower --max-new-tokens")
         if not use_kv_cache:
             return RecomputeDecoder(self, batch, max_len)
         # Reuse the last cache (and its captured graph) when it fits: slots past the sequence stay masked.

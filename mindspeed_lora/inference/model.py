@@ -174,8 +174,8 @@ def build_inference_engine(source: ModelSource, tp_rank: int) -> tuple[Inference
     for p in model.parameters():
         p.requires_grad_(False)
     max_len = min(source.seq_length or arch.max_position_embeddings, arch.max_position_embeddings)
-    engine = InferenceEngine(model, max_len,
-                             use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda")
+    engine = InferenceEngine(model, max_len, use_cuda_graph=source.use_cuda_graph and acc.device_type == "cuda",
+                             sliding_window=arch.sliding_window)
     return engine, arch
 
 

@@ -17,6 +17,19 @@ from mindspeed_lora.models.family import family_for_hf_config, get_family
 YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1}
 """What HF's YaRN takes for the keys a rope_scaling dict leaves out (the turns bounding the blended dimensions)."""
 
+def _sliding_window(cfg: dict, num_layers: int) -> int | None:
+    """The window of an HF config whose layers (some of them) use sliding-window attention, else None."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    if cfg.get("layer_types") is not None:  # transformers >= 4.53 writes each layer's kind
+        return int(window) if "sliding_attention" in cfg["layer_types"] else None
+    if "use_sliding_window" in cfg:  # Qwen: layers from max_window_layers on, when switched on
+        on = cfg["use_sliding_window"] and cfg.get("max_window_layers", 0) < num_layers
+        return int(window) if on else None
+    return int(window)  # Mistral: every layer
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,6 +60,10 @@ class ModelArch:
     tie_word_embeddings: bool
     torch_dtype: str = "float32"
     rope_scaling: dict | None = field(default=None)
+    sliding_window: int | None = None
+    """Tokens a sliding-window layer attends to (Mistral v0.1, Qwen with use_sliding_window); None: every
+    layer attends to the whole sequence. Windows are not implemented: ``check_context`` refuses longer
+    sequences, and up to the window the attention is the same."""
 
     @property
     def qk_layernorm(self) -> bool:
@@ -104,7 +121,15 @@ class ModelArch:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             torch_dtype=str(dtype),
             rope_scaling=rope_scaling,
+            sliding_window=_sliding_window(cfg, need("num_hidden_layers")),
         )
+
+    def check_context(self, tokens: int, what: str) -> None:
+        """Refuse sequences of more than ``tokens`` where a layer would attend to a sliding window only."""
+        if self.sliding_window is not None and tokens > self.sliding_window:
+            raise UserError(f"{what} {tokens}: this {self.family} model's layers attend to a sliding window of "
+                            f"{self.sliding_window} tokens, which is not implemented here; sequences up to "
+                            f"{self.sliding_window} tokens are exact (give at most that)")
 
     @property
     def rope_kind(self) -> str:

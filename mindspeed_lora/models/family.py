@@ -38,7 +38,7 @@ class WeightRule:
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
-    """``--model-type-hf`` value (qwen3, llama3, qwen2)."""
+    """``--model-type-hf`` value (qwen3, llama3, qwen2, mistral)."""
     hf_model_types: tuple[str, ...]
     """config.json ``model_type`` values that map to this family."""
     qk_layernorm: bool
@@ -121,6 +121,6 @@ _loaded: list[Callable] = []
 
 def _load_builtin() -> None:
     if not _loaded:
-        from mindspeed_lora.models import llama, qwen2, qwen3  # noqa: F401  (register themselves)
+        from mindspeed_lora.models import llama, mistral, qwen2, qwen3  # noqa: F401  (register themselves)
 
         _loaded.append(True)

@@ -110,6 +110,7 @@ class SFTTrainer:
         self.source = model_setup.inspect_load_dir(cfg.model.load, iteration=cfg.checkpoint.load_iteration)
         self.arch = model_setup.resolve_arch(self.source, cfg.model)
         self.arch.check_tensor_parallel(par.tensor_model_parallel_size)
+        self.arch.check_context(cfg.data.seq_length, "--seq-length")
         if self.source.kind == "megatron":
             if self.source.metadata.get("lora"):
                 raise UserError(f"--load {cfg.model.load}: a LoRA adapter checkpoint; give the base model to --load "

@@ -7,7 +7,7 @@ from mindspeed_lora.errors import UserError
 from mindspeed_lora.models.arch import ModelArch
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "qwen2", "mistral"])
 def test_from_hf_config_round_trips_through_dict(family):
     cfg = tiny.tiny_hf_config(family).to_dict()
     arch = ModelArch.from_hf_config(cfg)
@@ -17,6 +17,7 @@ def test_from_hf_config_round_trips_through_dict(family):
     assert arch.qkv_bias == (family == "qwen2")
     assert arch.tie_word_embeddings == (family == "qwen2")
     assert ModelArch.from_dict(arch.to_dict()) == arch
+    assert arch.sliding_window is None
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama3"])
@@ -86,3 +87,27 @@ def test_tp_must_divide_heads_groups_ffn_vocab():
         arch.check_tensor_parallel(8)
     with pytest.raises(UserError, match="num_query_groups"):
         arch.check_tensor_parallel(4)
+
+
+def test_sliding_window_is_read_from_each_config_style_and_longer_contexts_are_refused():
+    def window(family, **kw):
+        return ModelArch.from_hf_config(tiny.tiny_hf_config(family, **kw).to_dict()).sliding_window
+
+    assert window("mistral", sliding_window=16) == 16  # Mistral 7B v0.1: every layer
+    assert window("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1) == 16
+    assert window("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2) is None  # no layer
+    assert window("qwen3", use_sliding_window=False, sliding_window=16) is None
+    # a config written before transformers listed layer_types
+    old = {**tiny.tiny_hf_config("qwen2").to_dict(), "use_sliding_window": True, "sliding_window": 16,
+           "max_window_layers": 0}
+    del old["layer_types"]
+    assert ModelArch.from_hf_config(old).sliding_window == 16
+    arch = ModelArch.from_hf_config(tiny.tiny_hf_config("mistral", sliding_window=16).to_dict())
+    arch.check_context(16, "--seq-length")
+    with pytest.raises(UserError, match="--seq-length 17: this mistral model's layers attend to a sliding window "
+                                        "of 16 tokens, which is not implemented here"):
+        arch.check_context(17, "--seq-length")
+    # a checkpoint's metadata from before the field reads as no window
+    legacy = arch.to_dict()
+    del legacy["sliding_window"]
+    assert ModelArch.from_dict(legacy).sliding_window is None

@@ -162,11 +162,11 @@ def test_unknown_model_types(hf_dir, tmp_path):
                                        "--model-type-hf", "qwen2"])
     refused("describes a qwen3 model", hf_dir, tmp_path / "o", model_type_hf=convert_config_from_args(args)
             .model_type_hf)
-    odd = copy_tree(hf_dir, tmp_path / "mistral")
+    odd = copy_tree(hf_dir, tmp_path / "gemma")
     cfg = json.load(open(odd / "config.json"))
-    cfg["model_type"] = "mistral"
+    cfg["model_type"] = "gemma"
     (odd / "config.json").write_text(json.dumps(cfg))
-    assert "config.json" in refused("model_type 'mistral' is not supported", odd, tmp_path / "o")
+    assert "config.json" in refused("model_type 'gemma' is not supported", odd, tmp_path / "o")
 
 
 def test_generic_llama2_name_is_accepted(hf_dir, tmp_path):

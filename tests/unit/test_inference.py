@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mindspeed_lora import tiny
+from mindspeed_lora.errors import UserError
 from mindspeed_lora.inference.engine import InferenceEngine
 from mindspeed_lora.inference.generation import GenerationConfig, generate
 from mindspeed_lora.inference.model import ModelSource, build_inference_engine
@@ -38,7 +39,7 @@ def build_lively_model(family: str, path: str, seed: int = 3, **overrides):
 
 def _model(tmp_path_factory, family):
     path = str(tmp_path_factory.mktemp(family))
-    hf = build_lively_model(family, path)
+    hf = build_lively_model(family, path, seed=5 if family == "mistral" else 3)  # seed 3: one row repeats
     engine, _ = build_inference_engine(ModelSource(load=path), tp_rank=0)
     return hf, engine
 
@@ -74,7 +75,7 @@ def _ours(engine, prompts, **kwargs):
     return [o.tokens for o in generate(engine, prompts, cfg)]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "qwen2", "mistral"])
 def test_greedy_tokens_equal_hf_generate(world, tmp_path_factory, family):
     hf, engine = _model(tmp_path_factory, family)
     prompts = _prompts()
@@ -100,6 +101,28 @@ def test_yarn_model_logits_and_greedy_tokens_equal_hf(world, tmp_path_factory, f
     assert torch.allclose(got, want, atol=2e-4, rtol=0), (got - want).abs().max()
     prompts = _prompts((20, 9), seed=5)
     assert _ours(engine, prompts) == _hf_generate(hf, prompts, do_sample=False)
+
+
+def test_mistral_sliding_window_is_exact_up_to_the_window_and_refused_beyond(world, tmp_path_factory):
+    """Mistral 7B v0.1's window: HF's windowed attention equals ours on up to 16 positions; the engine
+    refuses a generation that would go past them, and scoring keeps the newest 16 tokens of a longer prompt
+    (as it does past max_position_embeddings)."""
+    path = str(tmp_path_factory.mktemp("mistral_window"))
+    hf = build_lively_model("mistral", path, seed=5, sliding_window=16)
+    engine, _ = build_inference_engine(ModelSource(load=path), tp_rank=0)
+    ids = torch.tensor(_prompts((16,), seed=6))
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+    assert torch.allclose(engine.logits(ids), want, atol=2e-4, rtol=0)
+    prompt = _prompts((10,), seed=7)
+    ours = generate(engine, prompt, GenerationConfig(max_new_tokens=6, stop_token_ids=()))[0].tokens
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 10:]
+    assert ours == theirs.tolist()
+    assert engine.max_positions == 16  # what evaluation keeps of a longer prompt
+    with pytest.raises(UserError, match="prompt \\+ new tokens = 18 tokens exceeds the model's sliding attention "
+                                        "window \\(16; windows are not implemented here\\)"):
+        generate(engine, prompt, GenerationConfig(max_new_tokens=8, stop_token_ids=(EOS,)))
 
 
 def test_kv_cache_on_and_off_give_identical_tokens(qwen3):

@@ -303,3 +303,18 @@ def test_ckpt_step_picks_an_iteration_of_load_or_of_the_adapter(tmp_path):
     with pytest.raises(UserError, match="no latest_checkpointed_iteration.txt"):
         inspect_load_dir(path)
 
+
+def test_a_sequence_longer_than_a_sliding_window_is_refused_before_anything_is_built(tmp_path):
+    from mindspeed_lora.data.sft_dataset import missing_files
+    from mindspeed_lora.training.sft import SFTTrainer
+
+    prefix = str(tmp_path / "d")
+    for f in missing_files(prefix):  # the prefix check only looks for the files
+        open(f, "wb").close()
+    hf = _hf_dir(tmp_path, "mistral", sliding_window=32)
+    args = f"--data-path {prefix} --load {hf} --global-batch-size 4 --train-iters 3 --lr 1e-4 --seq-length"
+    with pytest.raises(UserError, match="--seq-length 64: this mistral model's layers attend to a sliding window "
+                                        "of 32 tokens"):
+        SFTTrainer(cfg_of(f"{args} 64")).setup()
+    with pytest.raises(UserError, match="d_packed_input_ids_document.idx"):  # 32 passes on to the (empty) data
+        SFTTrainer(cfg_of(f"{args} 32")).setup()
