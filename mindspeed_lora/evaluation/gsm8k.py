@@ -18,8 +18,8 @@ scored, and never shown its own answer). An example's solution loses GSM8K's cal
     Answer:                     <- the model continues
 
 Scoring: greedy generation, which stops once a row writes ``Question:`` (a raw model goes on to invent the next
-question); the text is cut there, and the prediction is the last number left in it, commas removed, compared with the ``####`` number as
-a number (``18.00`` is ``18``).
+question); the text is cut there, and the prediction is the last number left in it, commas removed, compared
+with the ``####`` number as a number (``18.00`` is ``18``).
 """
 from __future__ import annotations
 
