@@ -16,6 +16,11 @@ def run_from_args(args):
     if args.is_pairwise_dataset and args.stage not in ("dpo", "simpo"):
         raise UserError(f"--is-pairwise-dataset with --stage {args.stage}: pairwise (chosen / rejected) data trains "
                         "with --stage dpo")
+    dpo_only = [flag for flag, value in (("--ref-load", args.ref_load), ("--refer-model-iter", args.refer_model_iter))
+                if value is not None]
+    if dpo_only and args.stage not in ("dpo", "simpo"):
+        raise UserError(f"{' / '.join(dpo_only)} with --stage {args.stage}: these name DPO's reference model, which "
+                        "--stage sft does not have; drop them, or train with --stage dpo")
     if args.stage in ("dpo", "simpo"):
         from mindspeed_lora.dpo.trainer import config_from_args, run
     else:

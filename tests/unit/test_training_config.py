@@ -175,6 +175,11 @@ def test_pairwise_flag_needs_the_dpo_stage():
 
     with pytest.raises(UserError, match="--is-pairwise-dataset with --stage sft: pairwise"):
         run_from_args(parse_args("posttrain_gpt", shlex.split(f"{BASE} --is-pairwise-dataset")))
+    with pytest.raises(UserError, match="--ref-load / --refer-model-iter with --stage sft: these name DPO's "
+                                        "reference model"):
+        run_from_args(parse_args("posttrain_gpt", shlex.split(f"{BASE} --ref-load /r --refer-model-iter 1")))
+    with pytest.raises(UserError, match="^--refer-model-iter with --stage sft"):
+        run_from_args(parse_args("posttrain_gpt", shlex.split(f"{BASE} --refer-model-iter 0")))
 
 
 def test_model_type_and_rope_scaling_flags_are_checked_against_the_model(tmp_path):
