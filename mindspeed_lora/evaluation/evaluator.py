@@ -31,7 +31,7 @@ from mindspeed_lora.evaluation.mmlu import (
     prompt_style,
     resolve_exam_dir,
 )
-from mindspeed_lora.inference.prompting import ChatFormat, RawFormat
+from mindspeed_lora.inference.prompting import ChatFormat, RawFormat, stop_sequences
 
 METHODS = ("logits", "generate")
 _LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
@@ -182,19 +182,6 @@ def letter_candidates(tokenizer, answer_prefix: str, answers: tuple[str, ...] = 
         raise UserError(f"the tokenizer does not give the answers {answers} distinct tokens after "
                         f"{answer_prefix!r} ({seqs}); use --eval-method generate")
     return list(seqs[0][:common]), [s[common] for s in seqs]
-
-
-def stop_sequences(tokenizer, text: str) -> tuple[tuple[int, ...], ...]:
-    """Token sequences that end ``text`` as it is written after a line break or a space (tokenizers merge a
-    leading newline or space into the word), so a row stops on the first token that completes it."""
-    seqs = set()
-    for lead in ("", "\n", "\n\n", " "):
-        ids = tokenizer.encode(lead + text, add_special_tokens=False)
-        bare = tokenizer.encode(lead, add_special_tokens=False) if lead else []
-        if ids[:len(bare)] == bare:  # the lead is tokens of its own: the rest is how text follows it
-            ids = ids[len(bare):]
-        seqs.add(tuple(ids))
-    return tuple(sorted(s for s in seqs if s))
 
 
 def _batches(items: list, size: int):

@@ -100,6 +100,19 @@ class StopTokens:
     """Stop words that the tokenizer splits into several tokens."""
 
 
+def stop_sequences(tokenizer, text: str) -> tuple[tuple[int, ...], ...]:
+    """Token sequences that end ``text`` as it is written after a line break or a space (tokenizers merge a
+    leading newline or space into the word), so generation stops on the first token that completes it."""
+    seqs = set()
+    for lead in ("", "\n", "\n\n", " "):
+        ids = tokenizer.encode(lead + text, add_special_tokens=False)
+        bare = tokenizer.encode(lead, add_special_tokens=False) if lead else []
+        if ids[:len(bare)] == bare:  # the lead is tokens of its own: the rest is how text follows it
+            ids = ids[len(bare):]
+        seqs.add(tuple(ids))
+    return tuple(sorted(s for s in seqs if s))
+
+
 def stop_tokens(tokenizer, fmt: ChatFormat, extra: list[str] = (), warn=None) -> StopTokens:
     """Stop tokens of the tokenizer's eos, the template's stop_words and ``extra``; a template without stop
     words falls back to eos (with a warning), and with no eos either it is refused: a reply could not end."""

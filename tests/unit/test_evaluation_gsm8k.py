@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mindspeed_lora.errors import UserError
-from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, stop_sequences, summarize
+from mindspeed_lora.evaluation.evaluator import EvalConfig, ExamScorer, evaluate, summarize
 from mindspeed_lora.evaluation.gsm8k import gsm8k_files, gsm8k_prompt, load_gsm8k, parse_number
 from mindspeed_lora.inference.generation import GenerationConfig
+from mindspeed_lora.inference.prompting import stop_sequences
 from tests.unit.test_evaluation import model, model_dir  # noqa: F401  (module fixtures: the tiny model)
 
 NEW = 24
